@@ -1,0 +1,433 @@
+"""
+Everything between files on disk and tensors: summary.jsonl, images, boxes, the prompt and answer
+text, the tokenizer, batches, a synthetic demo dataset and a BraTS NIfTI converter.
+
+Read top to bottom: the data contract (read_summary), images, boxes as location bins, the tokenizer,
+prompt and answer ids, the Dataset, the patient split, then the two dataset makers and the command line:
+
+    python data.py demo OUT_DIR [--cases K] [--seed S]
+    python data.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--min-tumor-px N]
+
+This file imports no other project file.
+"""
+import argparse
+import gzip
+import io
+import json
+import math
+import random
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from PIL import Image, ImageDraw
+
+# Normalisation of the CLIP / BLIP-2 (EVA) vision encoders.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# BraTS 2023 names: FLAIR, T2, native T1, post-contrast T1. The index is the last number in file names.
+MODALITIES = ("t2f", "t2w", "t1n", "t1c")
+VIEWS = ("axial", "coronal", "sagittal")  # the index is the middle number in file names
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message starts with "FILE:LINE: " when a line applies."""
+
+
+# -----------------------------------------------------------------------------
+# summary.jsonl
+
+@dataclass
+class Sample:
+    paths: list[str]  # absolute, in modality order
+    boxes: list[list[float]]  # [x0, y0, x1, y1] in pixels of the original image, clipped, x0 < x1, y0 < y1
+    size: tuple[int, int]  # (W, H), shared by all modalities
+    line: int  # 1-based line in the jsonl file
+    row: dict  # the original JSON object (other keys kept for echoing)
+    case: str  # patient id, see case_id
+
+
+def read_summary(path, box_format="corners", require_boxes=True, check_images=True):
+    """Read a summary.jsonl -> (modalities, samples). See DESIGN.md, "Data contract".
+
+    Modalities and their order come from the first row's `*_path` keys; a later row may list its keys in
+    any order but must name the same ones. Each image's header is always read (for its size);
+    check_images=True also decodes every image, so a corrupt file stops here and not mid-training.
+    """
+    assert box_format in ("corners", "xywh"), box_format
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    modalities, samples = None, []
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        where = f"{path}:{line}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        keys = [k for k in row if k.endswith("_path")]
+        if not keys:
+            raise DataError(f"{where}: no image keys (keys ending in '_path')")
+        if modalities is None:
+            modalities = [k[: -len("_path")] for k in keys]
+        elif sorted(k[: -len("_path")] for k in keys) != sorted(modalities):
+            raise DataError(f"{where}: modalities {[k[:-5] for k in keys]} differ from the first row's {modalities}")
+        paths, sizes = [], []
+        for m in modalities:
+            value = row[m + "_path"]
+            if not isinstance(value, str) or not value:
+                raise DataError(f"{where}: '{m}_path' must be a file name, got {value!r}")
+            p = (path.parent / value).resolve()  # relative to the jsonl's folder, or absolute
+            sizes.append(_image_size(p, where, m + "_path", check_images))
+            paths.append(str(p))
+        if len(set(sizes)) > 1:
+            got = ", ".join(f"'{m}_path' {w}x{h}" for m, (w, h) in zip(modalities, sizes))
+            raise DataError(f"{where}: images of one row must have one size, got {got}")
+        W, H = sizes[0]
+        if "box" in row:
+            boxes = _parse_boxes(row["box"], box_format, W, H, where)
+        elif require_boxes:
+            raise DataError(f"{where}: no 'box' key")
+        else:
+            boxes = []
+        samples.append(Sample(paths, boxes, (W, H), line, row, case_id(paths[0])))
+    if not samples:
+        raise DataError(f"{path}: empty file (no JSON rows)")
+    return modalities, samples
+
+
+def _image_size(p, where, key, decode):
+    if not p.is_file():
+        raise DataError(f"{where}: '{key}' image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            if decode:
+                im.load()  # raises on truncated or corrupt data
+            return im.size
+    except Exception as e:  # pillow raises several types for bad files
+        raise DataError(f"{where}: '{key}' cannot be read as an image: {p} ({e})") from None
+
+
+def _parse_boxes(value, box_format, W, H, where):
+    if isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value):
+        value = [value]  # a single flat box is read as a list of one
+    if not isinstance(value, list):
+        raise DataError(f"{where}: 'box' must be a list of boxes, got {value!r}")
+    boxes = []
+    for b in value:
+        if not (isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)):
+            raise DataError(f"{where}: 'box' entry {b!r} is not four numbers")
+        if not all(math.isfinite(v) for v in b):
+            raise DataError(f"{where}: 'box' entry {b!r} is not finite")
+        if box_format == "xywh":
+            x, y, w, h = b
+            x0, y0, x1, y1 = x, y, x + w, y + h
+        else:  # two opposite corners in any order, e.g. the blog's [maxx, maxy, minx, miny]
+            x0, x1 = sorted((b[0], b[2]))
+            y0, y1 = sorted((b[1], b[3]))
+        if not (x1 > x0 and y1 > y0):
+            raise DataError(f"{where}: 'box' entry {b!r} has zero (or negative) width or height")
+        c = [max(0.0, float(x0)), max(0.0, float(y0)), min(float(W), float(x1)), min(float(H), float(y1))]
+        if not (c[2] > c[0] and c[3] > c[1]):
+            raise DataError(f"{where}: 'box' entry {b!r} lies entirely outside the {W}x{H} image")
+        boxes.append(c)
+    return boxes
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def box_to_output(box_xyxy, box_format):
+    """[x0, y0, x1, y1] -> the file's format: corners [maxx, maxy, minx, miny] (the blog's order) or [x, y, w, h]."""
+    x0, y0, x1, y1 = box_xyxy
+    return [x1, y1, x0, y0] if box_format == "corners" else [x0, y0, x1 - x0, y1 - y0]
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
+    """One image -> (3, size, size) float32, squash-resized (boxes scale with it), normalised.
+    A grayscale slice becomes three equal channels, as pretrained ViTs expect RGB."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as an image ({e})") from None
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
+    return torch.stack([load_image(p, size, mean, std) for p in sample.paths])  # (N, 3, S, S)
+
+
+# -----------------------------------------------------------------------------
+# boxes as location bins (Pix2Seq / PaliGemma style): each coordinate is quantised into `bins` bins of
+# the image's own width or height, so the answer does not depend on the image size or the resize.
+
+def box_to_bins(box_xyxy, W, H, bins):
+    """Pixel box -> [bx0, by0, bx1, by1], each in [0, bins - 1]."""
+    x0, y0, x1, y1 = box_xyxy
+    q = lambda v, n: min(max(int(math.floor(v / n * bins)), 0), bins - 1)
+    return [q(x0, W), q(y0, H), q(x1, W), q(y1, H)]
+
+
+def bins_to_box(b, W, H, bins):
+    """Bins -> pixel box at the bin centres. Worst-case error per coordinate: W / (2 * bins) in x,
+    H / (2 * bins) in y (a coordinate anywhere in a bin is at most half a bin from its centre)."""
+    x0, x1 = sorted(((b[0] + 0.5) / bins * W, (b[2] + 0.5) / bins * W))
+    y0, y1 = sorted(((b[1] + 0.5) / bins * H, (b[3] + 0.5) / bins * H))
+    return [x0, y0, x1, y1]
+
+
+def box_iou(a, b):
+    """Intersection over union of two [x0, y0, x1, y1] boxes (0 when either is empty)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def special_tokens(num_bins, max_images=8):
+    """Our special tokens, in id order: <box> </box>, the image tags, then the location tokens."""
+    imgs = [t for i in range(1, max_images + 1) for t in (f"<Img{i}>", f"</Img{i}>")]
+    return ["<box>", "</box>"] + imgs + [f"<loc_{k}>" for k in range(num_bins)]
+
+
+def _tokenizer_corpus():
+    """A small fixed text the from-scratch tokenizer learns its pieces from: the prompt in every
+    template, phrasing variants a user may type, and numbers. Fixed, so training is deterministic."""
+    questions = ["where is the tumor?", "Where is the tumor?", "where is the tumour?", "Where is the lesion?",
+                 "Find the tumor in these MRI slices.", "Give the bounding box of the tumor.",
+                 "Is there a tumor in this brain MRI slice?", "Locate the enhancing tumor and the edema."]
+    words = ("brain MRI axial coronal sagittal slice FLAIR T1 T2 contrast image images box tumor tumour "
+             "glioma edema oedema necrosis enhancing core whole left right upper lower the a an in of on at "
+             "is are this these there where which what patient case scan modality").split()
+    lines = []
+    for q in questions:
+        lines += [q, f"###Human: {q} ###Assistant: ", f"[INST] {q} [/INST] ", f"<Img1><ImageHere></Img1> {q} <box>"]
+    for i in range(len(words)):  # deterministic word salad so every word also appears in context
+        lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)))
+    lines += [" ".join(str((i * 37 + k) % 1000) for k in range(10)) for i in range(20)]
+    return lines * 4
+
+
+class Tokenizer:
+    """A sentencepiece model plus our special tokens (each one id, never split).
+
+    Two ways in: `Tokenizer.train(path)` trains a small model from scratch whose user_defined_symbols
+    are our specials; `Tokenizer(path)` on a pretrained LLaMA tokenizer.model (which lacks them)
+    appends them after its vocabulary (ids sp.get_piece_size() + i), and the LLM's embedding grows to
+    match. Either way encode() cuts the text at special tokens and encodes the pieces between them
+    separately, so both kinds of model tokenize our prompts the same way.
+    pad_id: the model's pad piece if it has one (our trained models do), else eos_id (LLaMA has no
+    pad); padding is never a target (the answer mask is False there), so any valid id would do.
+    """
+
+    def __init__(self, model_path, num_bins=64, max_images=8):
+        self.model_path, self.num_bins, self.max_images = str(model_path), num_bins, max_images
+        if not Path(model_path).is_file():
+            raise DataError(f"{model_path}: tokenizer model not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        n = self.sp.get_piece_size()
+        specials = special_tokens(num_bins, max_images)
+        present = [self.sp.piece_to_id(t) for t in specials]
+        present = [i if self.sp.id_to_piece(i) == t else None for i, t in zip(present, specials)]
+        if all(i is not None for i in present):  # trained by us: specials are pieces already
+            ids = present
+        elif all(i is None for i in present):  # a pretrained vocabulary: append
+            ids = list(range(n, n + len(specials)))
+        else:
+            missing = [t for i, t in zip(present, specials) if i is None]
+            raise DataError(f"{model_path}: has some of our special tokens but not {missing[:3]}... "
+                            f"(trained with other num_bins/max_images than {num_bins}/{max_images}?)")
+        self.special_ids = dict(zip(specials, ids))
+        self.special_tokens = {i: t for t, i in self.special_ids.items()}
+        self.vocab_size = max(n, max(ids) + 1)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        assert self.bos_id >= 0 and self.eos_id >= 0, "the sentencepiece model needs BOS and EOS"
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.box_id, self.box_end_id = self.special_ids["<box>"], self.special_ids["</box>"]
+        self.loc_start = self.special_ids["<loc_0>"]
+        assert all(self.special_ids[f"<loc_{k}>"] == self.loc_start + k for k in range(num_bins))
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+
+    @classmethod
+    def train(cls, model_path, num_bins=64, max_images=8):
+        """Train a small BPE model from scratch (deterministic: fixed corpus, one thread, no sampling)
+        with byte fallback (any text encodes), digits split, and our specials as single pieces."""
+        specials = special_tokens(num_bins, max_images)
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_tokenizer_corpus()), model_writer=model, model_type="bpe",
+            vocab_size=4 + len(specials) + 256 + 160, hard_vocab_limit=False,  # 4 = unk bos eos pad; 256 bytes
+            user_defined_symbols=specials, byte_fallback=True, split_digits=True, character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,  # like LLaMA: text round-trips
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, shuffle_input_sentence=False,
+            input_sentence_size=0, minloglevel=2)
+        Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(model_path).write_bytes(model.getvalue())
+        return cls(model_path, num_bins, max_images)
+
+    def encode(self, text):
+        """Text -> ids, no BOS/EOS. Special tokens in the text become their single ids."""
+        ids = []
+        for part in self._split.split(text):
+            if part in self.special_ids:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in list(ids) + [None]:
+            if i is None or i in self.special_tokens:
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                if i is not None:
+                    out.append(self.special_tokens[i])
+            else:
+                run.append(int(i))
+        return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# prompt and answer
+
+QUESTION = "where is the tumor?"
+# The question part only; "<box>" follows the template so that it directly precedes the answer.
+TEMPLATES = {"plain": "{prompt}", "vicuna": "###Human: {prompt} ###Assistant: ", "llama2": "[INST] {prompt} [/INST] "}
+
+
+def prompt_text(n_slots, template="plain"):
+    """<Img1><ImageHere></Img1>...<ImgN><ImageHere></ImgN> where is the tumor? <box>, in the template."""
+    question = "".join(f"<Img{i}><ImageHere></Img{i}>" for i in range(1, n_slots + 1)) + " " + QUESTION
+    text = TEMPLATES[template].format(prompt=question)
+    return text + ("" if text.endswith(" ") else " ") + "<box>"
+
+
+def prompt_chunks(tokenizer, n_slots, template="plain"):
+    """The prompt cut at <ImageHere> into n_slots + 1 chunks of ids, each encoded separately, so image
+    embeddings go exactly between them. Chunk 0 starts with BOS; the last chunk ends with <box>."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    if not 1 <= n_slots <= tokenizer.max_images:
+        raise DataError(f"{n_slots} image slots, but the tokenizer has image tags for 1..{tokenizer.max_images}")
+    parts = prompt_text(n_slots, template).split("<ImageHere>")
+    chunks = [tokenizer.encode(p) for p in parts]
+    chunks[0] = [tokenizer.bos_id] + chunks[0]
+    assert len(chunks) == n_slots + 1 and chunks[-1][-1] == tokenizer.box_id
+    return chunks
+
+
+def answer_ids(tokenizer, boxes_bins):
+    """Boxes as bins -> [loc, loc, loc, loc] * k + [</box>, EOS]."""
+    ids = []
+    for b in boxes_bins:
+        assert len(b) == 4 and all(0 <= v < tokenizer.num_bins for v in b), b
+        ids += [tokenizer.loc_start + int(v) for v in b]
+    return ids + [tokenizer.box_end_id, tokenizer.eos_id]
+
+
+def parse_answer(tokenizer, ids):
+    """Answer ids -> groups of 4 bins. Stops at </box> or EOS; other tokens are skipped; a trailing
+    partial group is dropped."""
+    bins = []
+    for i in ids:
+        i = int(i)
+        if i in (tokenizer.box_end_id, tokenizer.eos_id):
+            break
+        if tokenizer.loc_start <= i < tokenizer.loc_start + tokenizer.num_bins:
+            bins.append(i - tokenizer.loc_start)
+    return [bins[k:k + 4] for k in range(0, len(bins) - 3, 4)]
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+class BoxDataset(torch.utils.data.Dataset):
+    """Samples -> fixed-shape items, so default_collate stacks them and the model sees static shapes:
+    images (N, 3, S, S), answer (L,) padded with pad_id to L = 4 * max_boxes + 2, answer_mask (L,) True on
+    the real answer tokens (locations, </box>, EOS), index. Boxes are ordered largest first and a row with
+    more than max_boxes keeps the largest max_boxes.
+    augment: optional callable (images (N, 3, S, S), boxes in pixels of S) -> (images, boxes), e.g. random_hflip.
+    """
+
+    def __init__(self, samples, tokenizer, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD, augment=None):
+        self.samples, self.tok, self.size, self.max_boxes = samples, tokenizer, image_size, max_boxes
+        self.mean, self.std, self.augment = mean, std, augment
+        self.length = 4 * max_boxes + 2
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        s = self.samples[index]
+        images = load_images(s, self.size, self.mean, self.std)  # (N, 3, S, S)
+        boxes = sorted(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)[: self.max_boxes]
+        W, H = s.size
+        if self.augment is not None:
+            S = self.size
+            boxes = [[b[0] * S / W, b[1] * S / H, b[2] * S / W, b[3] * S / H] for b in boxes]
+            images, boxes = self.augment(images, boxes)
+            W = H = S
+        ids = answer_ids(self.tok, [box_to_bins(b, W, H, self.tok.num_bins) for b in boxes])
+        answer = torch.full((self.length,), self.tok.pad_id, dtype=torch.long)
+        answer[: len(ids)] = torch.tensor(ids)
+        mask = torch.zeros(self.length, dtype=torch.bool)
+        mask[: len(ids)] = True
+        return {"images": images, "answer": answer, "answer_mask": mask, "index": index}
+
+
+def random_hflip(images, boxes, p=0.5):
+    """Mirror left-right with probability p (a tumour is as likely in either hemisphere)."""
+    if torch.rand(()) >= p:
+        return images, boxes
+    S = images.shape[-1]
+    return images.flip(-1), [[S - b[2], b[1], S - b[0], b[3]] for b in boxes]
+
+
+# -----------------------------------------------------------------------------
+# patients: adjacent slices of one brain nearly repeat each other, so split by patient, never by slice
+
+_CASE = re.compile(r"^(.+)_\d+(?:-\d+)?_\d+$")
+
+
+def case_id(path):
+    """'BraTS-GLI-00000-000_2_0.jpg' -> 'BraTS-GLI-00000-000' (case, then _<view or slice>_<modality>;
+    also 'BraTS2015-pat0001_1_0-077_3.jpg' -> 'BraTS2015-pat0001_1'); other names: the file stem."""
+    stem = Path(path).stem
+    m = _CASE.match(stem)
+    return m.group(1) if m else stem
+
+
+def _val_cases(cases, val_fraction, seed):
+    cases = sorted(set(cases))
+    random.Random(seed).shuffle(cases)
+    n = round(len(cases) * val_fraction)
+    if val_fraction > 0 and len(cases) > 1:
+        n = min(max(n, 1), len(cases) - 1)  # at least one case on each side
+    return set(cases[:n])
+
+
+def split_by_patient(samples, val_fraction=0.1, seed=0):
+    """-> (train, val) samples, each in the input order; every case goes wholly to one side."""
+    val = _val_cases([s.case for s in samples], val_fraction, seed)
+    return [s for s in samples if s.case not in val], [s for s in samples if s.case in val]
