@@ -1,0 +1,338 @@
+"""vision.py: ViT and Q-Former parity with Hugging Face transformers (test-only oracle) on tiny random
+checkpoints saved as whole models, strict loading errors, position-embedding interpolation, shards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vision import (
+    CheckpointError,
+    QFormer,
+    QFormerConfig,
+    ViT,
+    ViTConfig,
+    load_mapped,
+    load_safetensors,
+    resize_pos_embed,
+    safetensors_index,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@torch.no_grad()
+def perturb(model, seed=0):
+    """Hugging Face's inits are near-constant (zero biases, unit norms, 1e-10 EVA weights) and would hide
+    mapping mistakes: add noise to every parameter, scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "embedding" not in name and "query_tokens" not in name:
+            std = p[0].numel() ** -0.5  # fan-in
+        else:
+            std = 0.5 if ("embedding" in name or "query_tokens" in name) else 0.2
+        p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def images(n, size, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+BLIP2_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def blip2_config(cross_attention_frequency=2, depth=2):
+    return transformers.Blip2Config(
+        vision_config=BLIP2_VISION,
+        qformer_config=dict(hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=48,
+                            cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=32,
+                            vocab_size=100, max_position_embeddings=32),
+        text_config=dict(model_type="opt", hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                         vocab_size=100, word_embed_proj_dim=16, max_position_embeddings=64),
+        num_query_tokens=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    """A whole tiny BLIP-2 (vision, Q-Former with cross-attention in layers 0 and 2, OPT) saved to safetensors."""
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=2, depth=3)).eval()
+    perturb(hf)
+    folder = tmp_path_factory.mktemp("blip2")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        projection_dim=8,
+    )
+    hf = transformers.CLIPModel(cfg).eval()
+    perturb(hf)
+    folder = tmp_path_factory.mktemp("clip")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+
+def test_blip2_vit_parity(blip2):
+    hf, folder = blip2
+    vit = ViT.from_pretrained(folder).eval()
+    assert vit.cfg.class_token and vit.cfg.final_norm and not vit.cfg.pre_norm and vit.cfg.act == "gelu"
+    x = images(2, 32)
+    with torch.no_grad():
+        ours, ref = vit(x), hf.vision_model(pixel_values=x).last_hidden_state
+    assert ours.shape == ref.shape == (2, 17, 32)
+    assert rel_err(ours, ref) <= 1e-4
+
+
+def test_blip2_qformer_parity(blip2):
+    hf, folder = blip2
+    qf = QFormer.from_pretrained(folder, out_dim=16).eval()  # 16 = OPT width: language_projection fits
+    assert [layer.cross is not None for layer in qf.layers] == [True, False, True]
+    img = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        ref = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=img).last_hidden_state
+        feats = qf.forward_features(img)
+        assert feats.shape == ref.shape == (2, 4, 32)
+        assert rel_err(feats, ref) <= 1e-4
+        assert rel_err(qf(img), hf.language_projection(ref)) <= 1e-4
+
+
+def test_blip2_end_to_end_parity(blip2):
+    """ViT -> Q-Former -> projection equals BLIP-2's get_image_features (the language model's inputs)."""
+    hf, folder = blip2
+    vit, qf = ViT.from_pretrained(folder).eval(), QFormer.from_pretrained(folder, out_dim=16).eval()
+    x = images(2, 32, seed=3)
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=x).pooler_output
+        assert rel_err(qf(vit(x)), ref) <= 1e-4
+
+
+def test_qformer_projection_kept_fresh_when_width_differs(blip2):
+    hf, folder = blip2
+    qf = QFormer.from_pretrained(folder, out_dim=24)
+    assert qf.proj.weight.shape == (24, 32)
+    assert torch.equal(qf.query, hf.query_tokens)  # everything else still loaded
+
+
+def test_qformer_cross_attention_every_layer(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=1)).eval()
+    perturb(hf)
+    hf.save_pretrained(tmp_path)
+    qf = QFormer.from_pretrained(tmp_path, out_dim=16).eval()
+    assert all(layer.cross is not None for layer in qf.layers)
+    img = torch.randn(3, 17, 32)
+    with torch.no_grad():
+        ref = hf.qformer(query_embeds=hf.query_tokens.expand(3, -1, -1), encoder_hidden_states=img).last_hidden_state
+        assert rel_err(qf.forward_features(img), ref) <= 1e-4
+
+
+def test_clip_vit_parity(clip):
+    hf, folder = clip
+    vit = ViT.from_pretrained(folder).eval()
+    assert vit.cfg.pre_norm and not vit.cfg.final_norm and not vit.cfg.patch_bias and vit.cfg.act == "quick_gelu"
+    x = images(2, 32)
+    with torch.no_grad():
+        out = hf.vision_model(pixel_values=x)
+        ours = vit(x)
+    assert ours.shape == out.last_hidden_state.shape == (2, 17, 32)
+    assert rel_err(ours, out.last_hidden_state) <= 1e-4
+    # CLIP's post_layernorm is on the pooled token only: applying HF's norm to our class token gives its pooler
+    pooled = hf.vision_model.post_layernorm(ours[:, 0])
+    assert rel_err(pooled, out.pooler_output) <= 1e-4
+
+
+def test_siglip_vit_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.SiglipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50),
+    )
+    hf = transformers.SiglipModel(cfg).eval()
+    perturb(hf)
+    hf.save_pretrained(tmp_path)
+    vit = ViT.from_pretrained(tmp_path).eval()
+    assert not vit.cfg.class_token and vit.cfg.final_norm
+    x = images(2, 32)
+    with torch.no_grad():
+        ours, ref = vit(x), hf.vision_model(pixel_values=x).last_hidden_state
+    assert ours.shape == ref.shape == (2, 16, 32)
+    assert rel_err(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["blip2", "clip"])
+def test_interpolated_position_embeddings_match_hf(which, blip2, clip, request):
+    """Loading at another image size equals HF's interpolate_pos_encoding=True at that size."""
+    hf, folder = {"blip2": blip2, "clip": clip}[which]
+    vit = ViT.from_pretrained(folder, image_size=48).eval()
+    assert vit.pos_embed.shape == (1, 1 + 36, 32)
+    x = images(2, 48)
+    with torch.no_grad():
+        ref = hf.vision_model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        assert rel_err(vit(x), ref) <= 1e-4
+
+
+# --- position embeddings -----------------------------------------------------------------------------
+
+
+def test_resize_pos_embed():
+    pos = torch.randn(1, 1 + 16, 8)
+    assert resize_pos_embed(pos, (4, 4), class_token=True) is pos  # same grid: untouched
+    big = resize_pos_embed(pos, (6, 6), class_token=True)
+    assert big.shape == (1, 37, 8) and torch.equal(big[:, 0], pos[:, 0])  # class entry kept
+    # bicubic with align_corners=False: going up then back to the checkpoint grid recovers it closely
+    back = resize_pos_embed(resize_pos_embed(pos, (16, 16), True), (4, 4), True)
+    assert rel_err(back, pos) < 0.05
+    assert resize_pos_embed(torch.randn(1, 16, 8), (2, 3), class_token=False).shape == (1, 6, 8)
+    # a constant field stays constant (interpolation weights sum to 1)
+    const = torch.ones(1, 16, 8)
+    assert torch.allclose(resize_pos_embed(const, (7, 7), class_token=False), torch.ones(1, 49, 8), atol=1e-5)
+
+
+def test_vit_other_input_size_interpolates_on_the_fly():
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=16, depth=1, heads=2, mlp_dim=32)).eval()
+    with torch.no_grad():
+        assert vit(images(1, 32)).shape == (1, 17, 16)
+        assert vit(torch.randn(1, 3, 40, 24)).shape == (1, 1 + 15, 16)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        vit(images(1, 30))
+
+
+def test_same_size_load_is_identity(blip2):
+    hf, folder = blip2
+    a, b = ViT.from_pretrained(folder), ViT.from_pretrained(folder, image_size=32)
+    assert torch.equal(a.pos_embed, hf.vision_model.embeddings.position_embedding)
+    assert torch.equal(a.pos_embed, b.pos_embed)
+
+
+# --- strict loading ------------------------------------------------------------------------------
+
+
+def edit_checkpoint(src, dst, edit):
+    """Copy a saved folder with its tensors changed by edit(dict) -> dict."""
+    tensors = load_safetensors(src)
+    dst.mkdir(exist_ok=True)
+    save_file(edit(dict(tensors)), str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_all_named(blip2, tmp_path):
+    _, folder = blip2
+    qkv = "vision_model.encoder.layers.1.self_attn.qkv.weight"
+
+    def edit(t):
+        del t["vision_model.post_layernorm.bias"]
+        t["vision_model.encoder.layers.0.mlp.fc1.weight"] = t["vision_model.encoder.layers.0.mlp.fc1.weight"][:, :16].contiguous()
+        t["vision_model.encoder.layers.1.self_attn.qkv_renamed.weight"] = t.pop(qkv)
+        t["vision_model.extra.weight"] = torch.zeros(3)
+        return t
+
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained(edit_checkpoint(folder, tmp_path / "bad", edit))
+    msg = str(e.value)
+    assert "missing tensor: vision_model.post_layernorm.bias" in msg
+    assert f"missing tensor: {qkv}" in msg
+    assert "wrongly shaped tensor: vision_model.encoder.layers.0.mlp.fc1.weight (64, 16)" in msg
+    assert "expects (64, 32)" in msg
+    assert "unexpected tensor: vision_model.encoder.layers.1.self_attn.qkv_renamed.weight" in msg
+    assert "unexpected tensor: vision_model.extra.weight" in msg
+
+
+def test_swapped_tensors_are_caught_or_change_the_output(blip2, tmp_path):
+    """A mapping that swaps fc1/fc2 fails on shapes; swapping same-shaped norms breaks parity."""
+    hf, folder = blip2
+    vit = ViT.from_pretrained(folder)
+    mapping = {k: k for k in vit.state_dict()}
+    tensors = {k: v.clone() for k, v in vit.state_dict().items()}
+    load_mapped(vit, tensors, mapping)  # identity mapping loads
+    swapped = mapping | {"blocks.0.mlp.fc1.weight": "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.weight": "blocks.0.mlp.fc1.weight"}
+    with pytest.raises(CheckpointError, match=r"blocks.0.mlp.fc2.weight \(32, 64\) -> blocks.0.mlp.fc1.weight expects \(64, 32\)"):
+        load_mapped(vit, tensors, swapped)
+    norms = mapping | {"blocks.0.norm1.weight": "blocks.0.norm2.weight", "blocks.0.norm2.weight": "blocks.0.norm1.weight"}
+    load_mapped(vit, tensors, norms)
+    x = images(1, 32)
+    with torch.no_grad():
+        assert rel_err(vit(x), hf.vision_model(pixel_values=x).last_hidden_state) > 1e-2
+
+
+def test_qformer_missing_cross_attention_is_named(blip2, tmp_path):
+    _, folder = blip2
+    bad = edit_checkpoint(folder, tmp_path / "bad", lambda t: {k: v for k, v in t.items() if "layer.2.crossattention.attention.key" not in k})
+    with pytest.raises(CheckpointError, match="missing tensor: qformer.encoder.layer.2.crossattention.attention.key.weight"):
+        QFormer.from_pretrained(bad, out_dim=16)
+
+
+def test_other_architectures_are_refused(clip, tmp_path):
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(llama / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model_type 'llama' \(architectures \['LlamaForCausalLM'\]\) is not a vision checkpoint"):
+        ViT.from_pretrained(llama)
+    with pytest.raises(CheckpointError, match="model_type 'llama'"):
+        QFormer.from_pretrained(llama, out_dim=8)
+    with pytest.raises(CheckpointError, match="Q-Former loads only from a BLIP-2 checkpoint"):
+        QFormer.from_pretrained(clip[1], out_dim=8)
+    with pytest.raises(CheckpointError, match="config.json: not found"):
+        ViT.from_pretrained(tmp_path)
+
+
+# --- safetensors shards ------------------------------------------------------------------------------
+
+
+def test_load_safetensors_sharded(tmp_path):
+    a, b = {"x.a": torch.randn(2, 3), "x.b": torch.randn(4)}, {"y.c": torch.arange(5.0)}
+    save_file(a, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(b, str(tmp_path / "model-00002-of-00002.safetensors"))
+    wm = {k: "model-00001-of-00002.safetensors" for k in a} | {k: "model-00002-of-00002.safetensors" for k in b}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    assert set(safetensors_index(tmp_path)) == {"x.a", "x.b", "y.c"}
+    got = load_safetensors(tmp_path, {"x.a", "y.c", "not.there"})
+    assert set(got) == {"x.a", "y.c"} and torch.equal(got["x.a"], a["x.a"]) and torch.equal(got["y.c"], b["y.c"])
+    # only wanted shards are opened: a missing shard that holds nothing wanted goes unnoticed
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    assert set(load_safetensors(tmp_path, {"x.b"})) == {"x.b"}
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: shard listed in"):
+        load_safetensors(tmp_path, {"y.c"})
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        safetensors_index(tmp_path / "nowhere")
+
+
+def test_sharded_blip2_folder_loads_the_same(blip2, tmp_path):
+    hf, folder = blip2
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    a, b = ViT.from_pretrained(folder), ViT.from_pretrained(tmp_path)
+    qa, qb = QFormer.from_pretrained(folder, 16), QFormer.from_pretrained(tmp_path, 16)
+    for m, n in ((a, b), (qa, qb)):
+        for (k, p), (_, q) in zip(m.state_dict().items(), n.state_dict().items()):
+            assert torch.equal(p, q), k
+
+
+# --- from scratch ----------------------------------------------------------------------------------
+
+
+def test_from_scratch_shapes_and_gradients():
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64, class_token=False, act="quick_gelu", pre_norm=True))
+    qf = QFormer(QFormerConfig(num_query=5, width=24, depth=2, heads=4, mlp_dim=48, cross_every=2, vision_width=32, out_dim=40))
+    out = qf(vit(images(3, 32)))
+    assert out.shape == (3, 5, 40)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*vit.parameters(), *qf.parameters()])

@@ -1,0 +1,536 @@
+"""
+The image side of minigpt-mri: a ViT that turns each image into tokens, a Q-Former that turns those
+tokens into a few query tokens in the LLM's width, and the code that loads both from Hugging Face
+safetensors checkpoints.
+
+- ViT: Dosovitskiy et al. 2020 ("An Image is Worth 16x16 Words"), one class for the layouts of
+  BLIP-2's EVA ViT-g (Fang et al. 2022), OpenAI CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
+- QFormer: BLIP-2 (Li et al. 2023), as reused by MiniGPT-4 (Zhu et al. 2023).
+
+Loading is strict: an explicit name-mapping table per layout; every missing, unexpected or wrongly
+shaped tensor is reported by name in one CheckpointError.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    class_token: bool = True
+    act: str = "gelu"  # "gelu" (EVA), "quick_gelu" (OpenAI CLIP), "gelu_tanh" (SigLIP)
+    pre_norm: bool = False  # CLIP's `pre_layrnorm` after the embeddings
+    final_norm: bool = True  # a LayerNorm over all output tokens (BLIP-2, SigLIP; not CLIP, see ViT)
+    norm_eps: float = 1e-6
+    channels: int = 3
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class QFormerConfig:
+    num_query: int = 32
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    cross_every: int = 2  # cross-attention in layers 0, k, 2k, ... (BLIP-2's cross_attention_frequency)
+    vision_width: int = 1408
+    out_dim: int = 4096
+    norm_eps: float = 1e-12
+    act: str = "gelu"
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+ACTS = {
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's cheap GELU approximation
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTS)}")
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTS[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `kv_dim` set makes it cross-attention (queries from x, keys/values from ctx).
+
+    One layout for every checkpoint: self-attention has one fused `qkv` Linear with a bias (EVA is
+    stored fused; CLIP/SigLIP's q/k/v are concatenated at load time), cross-attention a `q` and a fused `kv`.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} not divisible by {heads} heads"
+        self.heads = heads
+        if kv_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(kv_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None):
+        B, T, C = x.shape
+        if ctx is None:
+            q, k, v = self.qkv(x).split(C, dim=-1)
+        else:
+            q, (k, v) = self.q(x), self.kv(ctx).split(C, dim=-1)
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: every token sees every token
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (ViT)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], class_token: bool) -> torch.Tensor:
+    """(1, [1 +] g*g, D) learned position embeddings of a square g x g grid -> the new (gh, gw) grid,
+    bicubic, as Hugging Face's `interpolate_pos_encoding` does (the class token's entry is kept)."""
+    cls, patch = (pos[:, :1], pos[:, 1:]) if class_token else (pos[:, :0], pos)
+    g, D = math.isqrt(patch.shape[1]), patch.shape[2]
+    assert g * g == patch.shape[1], f"position grid of {patch.shape[1]} entries is not square"
+    if (g, g) == tuple(grid):
+        return pos
+    patch = patch.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# ViT
+
+
+class ViT(nn.Module):
+    """Vision transformer; returns all tokens (B, [1 +] grid*grid, width), class token first if any.
+
+    The output equals Hugging Face's `last_hidden_state`: for BLIP-2 (and SigLIP) that includes
+    `post_layernorm` over all tokens (final_norm=True); CLIP applies its `post_layernorm` only to the
+    pooled class token, so for CLIP we return the un-normed tokens and do not load that norm.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, D = cfg.channels, cfg.width
+        self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.class_token) + cfg.grid**2, D))
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.init_weights()
+
+    def init_weights(self):
+        """From-scratch init: Linear/conv weights and embeddings N(0, 0.02), biases 0, LayerNorms 1/0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + gh*gw, D)
+        # another image size than built for: interpolate on the fly (static for a fixed input size)
+        x = x + resize_pos_embed(self.pos_embed, (H // p, W // p), self.cls_token is not None)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) if self.norm is not None else x
+
+    @classmethod
+    def from_pretrained(cls, folder, image_size: int | None = None) -> "ViT":
+        """Load the vision tower of a BLIP-2, CLIP or SigLIP checkpoint folder (config.json + safetensors).
+        With image_size, position embeddings are interpolated (bicubic) to that size's grid."""
+        folder = Path(folder)
+        layout, vcfg, prefix = vision_layout(folder)
+        cfg = vit_config_from_hf(layout, vcfg)
+        ckpt_size = cfg.image_size
+        if image_size is not None:
+            cfg.image_size = image_size
+        model = cls(cfg)
+        mapping, transforms = vit_mapping(cfg, layout, prefix, ckpt_grid=ckpt_size // cfg.patch_size)
+        ignore = VIT_IGNORE[layout]
+        keys = [k for k in safetensors_index(folder) if k.startswith(prefix) and not _ignored(k[len(prefix):], ignore)]
+        load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Q-Former
+
+
+class QFormerLayer(nn.Module):
+    """BERT-style post-norm layer on the query tokens: self-attention, cross-attention to the image
+    tokens (only in some layers), feed-forward; each sub-layer is x = LayerNorm(x + f(x))."""
+
+    def __init__(self, cfg: QFormerConfig, cross: bool):
+        super().__init__()
+        D = cfg.width
+        self.attn, self.norm1 = Attention(D, cfg.heads), nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.cross = Attention(D, cfg.heads, kv_dim=cfg.vision_width) if cross else None
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps) if cross else None
+        self.mlp, self.norm3 = MLP(D, cfg.mlp_dim, cfg.act), nn.LayerNorm(D, eps=cfg.norm_eps)
+
+    def forward(self, x, img):
+        x = self.norm1(x + self.attn(x))
+        if self.cross is not None:
+            x = self.norm2(x + self.cross(x, img))
+        return self.norm3(x + self.mlp(x))
+
+
+class QFormer(nn.Module):
+    """Learned queries read the image tokens through cross-attention; a Linear maps them to the LLM width."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.width))
+        self.norm_in = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # BLIP-2 normalises the queries first
+        self.layers = nn.ModuleList([QFormerLayer(cfg, i % cfg.cross_every == 0) for i in range(cfg.depth)])
+        self.proj = nn.Linear(cfg.width, cfg.out_dim)
+        self.init_weights()
+
+    def init_weights(self):
+        """From-scratch init: Linear weights and queries N(0, 0.02), biases 0, LayerNorms 1/0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.query, std=0.02)
+
+    def forward_features(self, img):
+        """img (B, T, vision_width) -> (B, num_query, width), before `proj` (Hugging Face's last_hidden_state)."""
+        if img.shape[-1] != self.cfg.vision_width:
+            raise ValueError(f"image tokens have width {img.shape[-1]}, the Q-Former expects {self.cfg.vision_width}")
+        x = self.norm_in(self.query.expand(img.shape[0], -1, -1))  # (B, Q, width)
+        for layer in self.layers:
+            x = layer(x, img)
+        return x
+
+    def forward(self, img):
+        return self.proj(self.forward_features(img))  # (B, Q, out_dim)
+
+    @classmethod
+    def from_pretrained(cls, folder, out_dim: int) -> "QFormer":
+        """Load `query_tokens` and `qformer.*` of a BLIP-2 folder. `proj` takes `language_projection` when
+        its shape fits out_dim; otherwise it stays freshly initialised (MiniGPT-4 trains its own)."""
+        folder = Path(folder)
+        layout, _, _ = vision_layout(folder)
+        if layout != "blip2":
+            raise CheckpointError(f"{folder}: a Q-Former loads only from a BLIP-2 checkpoint, this one is {layout}")
+        hf = _read_config(folder)
+        q = hf.get("qformer_config") or {}
+        cfg = QFormerConfig(
+            num_query=hf.get("num_query_tokens", 32),
+            width=q.get("hidden_size", 768),
+            depth=q.get("num_hidden_layers", 12),
+            heads=q.get("num_attention_heads", 12),
+            mlp_dim=q.get("intermediate_size", 3072),
+            cross_every=q.get("cross_attention_frequency", 2),
+            vision_width=q.get("encoder_hidden_size", 1408),
+            out_dim=out_dim,
+            norm_eps=q.get("layer_norm_eps", 1e-12),
+            act=q.get("hidden_act", "gelu"),
+        )
+        model = cls(cfg)
+        mapping, transforms = qformer_mapping(cfg)
+        index = safetensors_index(folder)
+        lp = "language_projection.weight"
+        if lp in index and _shape(index, lp) == (out_dim, cfg.width):
+            mapping |= {"proj.weight": lp, "proj.bias": "language_projection.bias"}
+        else:
+            mapping |= {"proj.weight": None, "proj.bias": None}  # keep the fresh init
+        keys = [k for k in index if (k == "query_tokens" or k.startswith("qformer.")) and not _ignored(k, QFORMER_IGNORE)]
+        keys += [k for k in mapping.values() if isinstance(k, str) and k.startswith("language_projection.")]
+        load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
+        return model
+
+
+# -----------------------------------------------------------------------------
+# reading checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, of another architecture, or does not match the model."""
+
+
+def safetensors_index(folder) -> dict[str, Path]:
+    """Every tensor name in a folder -> the file holding it: `model.safetensors`, or the shards listed in
+    `model.safetensors.index.json` (Hugging Face's layout for large models)."""
+    folder = Path(folder)
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / f for k, f in weight_map.items()}
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else "no such folder"
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {found})")
+
+
+def load_safetensors(folder, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read the tensors named in `wanted` (all when None) from one file or many shards. Files are opened
+    lazily and only the wanted tensors are read; names the folder lacks are left out (see load_mapped)."""
+    from safetensors import safe_open
+
+    index = safetensors_index(folder)
+    by_file: dict[Path, list[str]] = {}
+    for k, f in index.items():
+        if wanted is None or k in wanted:
+            by_file.setdefault(f, []).append(k)
+    out = {}
+    for f, keys in by_file.items():
+        if not f.exists():
+            raise CheckpointError(f"{f}: shard listed in model.safetensors.index.json is missing")
+        with safe_open(str(f), "pt") as sf:
+            for k in keys:
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def load_mapped(module: nn.Module, tensors: dict, mapping: dict, transforms: dict | None = None, source="checkpoint"):
+    """Copy checkpoint tensors into `module` by an explicit table.
+
+    mapping: our parameter name -> checkpoint name, a tuple of names (concatenated on dim 0 unless a
+    transform says otherwise), or None (keep our init). transforms: our name -> f(*ckpt tensors) -> tensor.
+    Every tensor in `tensors` must be used. All missing, unexpected and wrongly shaped tensors are
+    collected and raised together in one CheckpointError naming each.
+    """
+    transforms = transforms or {}
+    params = module.state_dict()
+    assert set(mapping) == set(params), f"mapping table out of date: {sorted(set(mapping) ^ set(params))}"
+    missing, shapes, used = [], [], set()
+    with torch.no_grad():
+        for ours, theirs in mapping.items():
+            if theirs is None:
+                continue
+            names = (theirs,) if isinstance(theirs, str) else tuple(theirs)
+            used.update(names)
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                missing += absent
+                continue
+            src = [tensors[n] for n in names]
+            fn = transforms.get(ours, (lambda *t: t[0]) if len(src) == 1 else (lambda *t: torch.cat(t, dim=0)))
+            try:
+                value = fn(*src)
+            except RuntimeError:  # e.g. a reshape of a tensor of the wrong size
+                value = None
+            if value is None or value.shape != params[ours].shape:
+                got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, src))
+                shapes.append(f"{got} -> {ours} expects {tuple(params[ours].shape)}")
+                continue
+            params[ours].copy_(value)  # state_dict shares storage with the parameters; casts the dtype
+    unexpected = sorted(set(tensors) - used)
+    if missing or shapes or unexpected:
+        lines = [f"{source}: checkpoint does not match {type(module).__name__}"]
+        lines += [f"  missing tensor: {n}" for n in missing]
+        lines += [f"  wrongly shaped tensor: {s}" for s in shapes]
+        lines += [f"  unexpected tensor: {n}" for n in unexpected]
+        raise CheckpointError("\n".join(lines))
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; expected a Hugging Face checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def _shape(index: dict, key: str) -> tuple:
+    from safetensors import safe_open
+
+    with safe_open(str(index[key]), "pt") as f:
+        return tuple(f.get_slice(key).get_shape())
+
+
+def _ignored(key: str, patterns: tuple[str, ...]) -> bool:
+    # "*" stands for one dotted part (a layer number); a pattern ending in "." matches everything below it
+    rx = (re.escape(p).replace(r"\*", r"[^.]+") + (".*" if p.endswith(".") else "") for p in patterns)
+    return any(re.fullmatch(r, key) for r in rx)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint layouts and their mapping tables
+
+# model_type (or architecture) of config.json -> our layout name
+LAYOUTS = {
+    "blip-2": "blip2", "blip_2": "blip2", "blip_2_vision_model": "blip2",
+    "clip": "clip", "clip_vision_model": "clip",
+    "siglip": "siglip", "siglip_vision_model": "siglip",
+}
+ARCHITECTURES = {"Blip2": "blip2", "CLIP": "clip", "Siglip": "siglip"}
+# tensors under the vision prefix we knowingly skip, with the reason
+VIT_IGNORE = {
+    "blip2": (),
+    "clip": ("post_layernorm.", "embeddings.position_ids"),  # post_layernorm: pooled token only; position_ids: an old buffer
+    "siglip": ("head.", "embeddings.position_ids"),  # head: attention-pooling head for the contrastive loss
+}
+# text-side Q-Former tensors (ITM checkpoints, BERT embeddings) that queries never use
+QFORMER_IGNORE = ("qformer.embeddings.", "qformer.encoder.layer.*.intermediate.", "qformer.encoder.layer.*.output.")
+
+
+def vision_layout(folder: Path) -> tuple[str, dict, str]:
+    """Tell a BLIP-2, CLIP or SigLIP folder apart by config.json -> (layout, vision config dict, key prefix)."""
+    hf = _read_config(folder)
+    mt = hf.get("model_type", "")
+    archs = hf.get("architectures") or []
+    layout = LAYOUTS.get(mt)
+    for a in archs if layout is None else ():  # an old config without model_type: try the architectures
+        layout = layout or next((v for k, v in ARCHITECTURES.items() if a.startswith(k)), None)
+    if layout is None:
+        raise CheckpointError(
+            f"{folder}: model_type {mt!r} (architectures {archs}) is not a vision checkpoint this loader reads; "
+            "expected a BLIP-2 ('blip-2'), CLIP ('clip') or SigLIP ('siglip') folder"
+        )
+    standalone = mt.endswith("_vision_model")  # a vision tower saved alone: config.json is the vision config
+    vcfg = hf if standalone else hf.get("vision_config") or {}
+    prefix = "" if mt == "blip_2_vision_model" else "vision_model."  # Blip2VisionModel has no vision_model wrapper
+    return layout, vcfg, prefix
+
+
+def vit_config_from_hf(layout: str, v: dict) -> ViTConfig:
+    # defaults are Hugging Face's for each model type, for configs that leave them out
+    d = {"blip2": (224, 14, 1408, 39, 16, 6144, "gelu", 1e-6),
+         "clip": (224, 32, 768, 12, 12, 3072, "quick_gelu", 1e-5),
+         "siglip": (224, 16, 768, 12, 12, 3072, "gelu_pytorch_tanh", 1e-6)}[layout]
+    act = v.get("hidden_act", d[6])
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
+    if act not in ACTS:
+        raise CheckpointError(f"vision_config.hidden_act {act!r} is not supported (supported: {sorted(ACTS)})")
+    if layout == "blip2" and not v.get("qkv_bias", True):
+        raise CheckpointError("vision_config.qkv_bias = false is not supported (EVA ViT-g has q and v biases)")
+    return ViTConfig(
+        image_size=v.get("image_size", d[0]), patch_size=v.get("patch_size", d[1]), width=v.get("hidden_size", d[2]),
+        depth=v.get("num_hidden_layers", d[3]), heads=v.get("num_attention_heads", d[4]),
+        mlp_dim=v.get("intermediate_size", d[5]), act=act, norm_eps=v.get("layer_norm_eps", d[7]),
+        channels=v.get("num_channels", 3),
+        class_token=layout != "siglip", pre_norm=layout == "clip", final_norm=layout != "clip",
+        patch_bias=layout != "clip",
+    )
+
+
+def vit_mapping(cfg: ViTConfig, layout: str, prefix: str, ckpt_grid: int):
+    """Our ViT's names -> Hugging Face names, and the transforms between them:
+    - class/position embeddings: BLIP-2 stores (1, 1, D) / (1, T, D) Parameters, CLIP/SigLIP a (D,) vector
+      and an nn.Embedding (T, D); all become (1, ., D), and positions are resized to our grid.
+    - attention: BLIP-2's qkv is already fused as ours (its bias holds q, zeros for k, v); CLIP/SigLIP
+      store q_proj/k_proj/v_proj, concatenated on the output dimension.
+    """
+    P, D = prefix, cfg.width
+    e = P + "embeddings."
+    m = {"patch_embed.weight": e + "patch_embedding.weight"}
+    if cfg.patch_bias:
+        m["patch_embed.bias"] = e + "patch_embedding.bias"
+    ckpt_T = int(cfg.class_token) + ckpt_grid**2
+
+    def pos(p):  # a grid other than config.json's is a shape error (None), not a silent resize
+        return resize_pos_embed(p.reshape(1, -1, D), (cfg.grid, cfg.grid), cfg.class_token) if p.numel() == ckpt_T * D else None
+
+    t = {"pos_embed": pos}
+    if layout == "blip2":
+        m |= {"cls_token": e + "class_embedding", "pos_embed": e + "position_embedding"}
+    else:
+        m["pos_embed"] = e + "position_embedding.weight"
+        if cfg.class_token:
+            m["cls_token"] = e + "class_embedding"
+            t["cls_token"] = lambda c: c.reshape(1, 1, D)
+    if cfg.pre_norm:
+        m |= {"norm_pre.weight": P + "pre_layrnorm.weight", "norm_pre.bias": P + "pre_layrnorm.bias"}  # [sic]
+    if cfg.final_norm:
+        m |= {"norm.weight": P + "post_layernorm.weight", "norm.bias": P + "post_layernorm.bias"}
+    for i in range(cfg.depth):
+        b, h = f"blocks.{i}.", f"{P}encoder.layers.{i}."
+        for wb in ("weight", "bias"):
+            m |= {
+                b + f"norm1.{wb}": h + f"layer_norm1.{wb}",
+                b + f"norm2.{wb}": h + f"layer_norm2.{wb}",
+                b + f"mlp.fc1.{wb}": h + f"mlp.fc1.{wb}",
+                b + f"mlp.fc2.{wb}": h + f"mlp.fc2.{wb}",
+            }
+            if layout == "blip2":
+                m[b + f"attn.qkv.{wb}"] = h + f"self_attn.qkv.{wb}"
+                m[b + f"attn.proj.{wb}"] = h + f"self_attn.projection.{wb}"
+            else:
+                m[b + f"attn.qkv.{wb}"] = tuple(h + f"self_attn.{x}_proj.{wb}" for x in "qkv")
+                m[b + f"attn.proj.{wb}"] = h + f"self_attn.out_proj.{wb}"
+    return m, t
+
+
+def qformer_mapping(cfg: QFormerConfig):
+    """Our Q-Former's names -> BLIP-2's (`qformer.*`, a BERT encoder). BERT keeps query/key/value apart;
+    we fuse self-attention's into `qkv` and cross-attention's key/value into `kv` (cat on dim 0).
+    The query feed-forward is BLIP-2's `intermediate_query`/`output_query` (the text one is skipped)."""
+    m = {"query": "query_tokens", "norm_in.weight": "qformer.layernorm.weight", "norm_in.bias": "qformer.layernorm.bias"}
+    for i in range(cfg.depth):
+        o, h = f"layers.{i}.", f"qformer.encoder.layer.{i}."
+        for wb in ("weight", "bias"):
+            a = h + "attention."
+            m[o + f"attn.qkv.{wb}"] = tuple(a + f"attention.{x}.{wb}" for x in ("query", "key", "value"))
+            m[o + f"attn.proj.{wb}"] = a + f"output.dense.{wb}"
+            m[o + f"norm1.{wb}"] = a + f"output.LayerNorm.{wb}"
+            if i % cfg.cross_every == 0:
+                c = h + "crossattention."
+                m[o + f"cross.q.{wb}"] = c + f"attention.query.{wb}"
+                m[o + f"cross.kv.{wb}"] = (c + f"attention.key.{wb}", c + f"attention.value.{wb}")
+                m[o + f"cross.proj.{wb}"] = c + f"output.dense.{wb}"
+                m[o + f"norm2.{wb}"] = c + f"output.LayerNorm.{wb}"
+            m[o + f"mlp.fc1.{wb}"] = h + f"intermediate_query.dense.{wb}"
+            m[o + f"mlp.fc2.{wb}"] = h + f"output_query.dense.{wb}"
+            m[o + f"norm3.{wb}"] = h + f"output_query.LayerNorm.{wb}"
+    return m, {}
