@@ -431,3 +431,191 @@ def split_by_patient(samples, val_fraction=0.1, seed=0):
     """-> (train, val) samples, each in the input order; every case goes wholly to one side."""
     val = _val_cases([s.case for s in samples], val_fraction, seed)
     return [s for s in samples if s.case not in val], [s for s in samples if s.case in val]
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_contact_sheet(jsonl_path, png_path, max_rows=12, tile=128):
+    """A PNG grid to check a dataset by eye: one row per sample (evenly spread over the file), one
+    column per modality, boxes in red."""
+    modalities, samples = read_summary(jsonl_path, require_boxes=False, check_images=False)
+    picks = [samples[round(i * (len(samples) - 1) / max(1, max_rows - 1))] for i in range(min(max_rows, len(samples)))]
+    head = 14
+    sheet = Image.new("RGB", (tile * len(modalities), head + tile * len(picks)))
+    draw = ImageDraw.Draw(sheet)
+    for j, m in enumerate(modalities):
+        draw.text((j * tile + 3, 1), m, fill=(255, 255, 0))
+    for i, s in enumerate(picks):
+        W, H = s.size
+        for j, p in enumerate(s.paths):
+            with Image.open(p) as im:
+                sheet.paste(im.convert("RGB").resize((tile, tile), Image.BICUBIC), (j * tile, head + i * tile))
+            for b in s.boxes:
+                x0, y0, x1, y1 = b[0] * tile / W, b[1] * tile / H, b[2] * tile / W, b[3] * tile / H
+                draw.rectangle([j * tile + x0, head + i * tile + y0, j * tile + x1 - 1, head + i * tile + y1 - 1],
+                               outline=(255, 0, 0))
+        draw.text((2, head + i * tile + tile - 12), Path(s.paths[0]).stem[:-2], fill=(0, 255, 0))
+    sheet.save(png_path)
+    return png_path
+
+
+def _box_of(mask):
+    """Whole-tumour mask (H, W) -> [maxx, maxy, minx, miny] in pixel-edge coordinates (covers the pixels)."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.max()) + 1, int(ys.max()) + 1, int(xs.min()), int(ys.min())]
+
+
+def _save_gray(u8, path):
+    Image.fromarray(u8, mode="L").save(path, quality=95)
+
+
+# -----------------------------------------------------------------------------
+# demo dataset: synthetic BraTS-like slices from a phantom brain, made with numpy in milliseconds a slice.
+
+# Tissue classes of the phantom and their relative signal in each modality (t2f, t2w, t1n, t1c):
+# CSF is bright on T2 and dark on FLAIR (fluid suppressed) and T1; white matter is brighter than grey on
+# T1 and darker on T2/FLAIR; oedema is bright on FLAIR and T2; the enhancing rim lights up after contrast
+# (t1c); the necrotic core is dark on T1 and bright on T2.
+BACKGROUND, CSF, GM, WM, DEEP_GM, OEDEMA, RIM, NECROSIS = range(8)
+_SIGNAL = np.array([
+    [0.00, 0.00, 0.00, 0.00],  # background (skull-stripped)
+    [0.10, 1.00, 0.16, 0.18],  # CSF
+    [0.60, 0.62, 0.50, 0.52],  # grey matter
+    [0.45, 0.38, 0.72, 0.73],  # white matter
+    [0.55, 0.52, 0.58, 0.60],  # deep grey matter (basal ganglia, thalamus)
+    [0.95, 0.82, 0.45, 0.47],  # oedema
+    [0.75, 0.62, 0.50, 1.05],  # enhancing tumour rim
+    [0.50, 0.92, 0.22, 0.24],  # necrotic core
+], dtype=np.float32)
+
+
+def _blur(img, sigma):
+    """Gaussian blur by FFT (the images have black borders, so wrap-around does not show)."""
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.rfftfreq(img.shape[1])[None, :]
+    return np.fft.irfft2(np.fft.rfft2(img) * np.exp(-2 * np.pi ** 2 * sigma ** 2 * (fx ** 2 + fy ** 2)), s=img.shape)
+
+
+def _smooth_noise(rng, S, sigma):
+    n = _blur(rng.standard_normal((S, S)), sigma)
+    return n / (n.std() + 1e-8)
+
+
+def _harmonics(rng, kmax, amp):
+    """A random smooth closed outline: radius factor as a function of angle (a 1024-entry table, fast)."""
+    k = np.arange(2, kmax + 1)
+    a, ph = rng.normal(0, amp, len(k)) / np.sqrt(k - 1), rng.uniform(0, 2 * np.pi, len(k))
+    t = np.linspace(-np.pi, np.pi, 1024, endpoint=False)
+    table = (1 + (a * np.cos(k * t[:, None] + ph)).sum(-1)).astype(np.float32)
+    return lambda ang: table[((ang + np.pi) * (1024 / (2 * np.pi))).astype(np.int64) % 1024]
+
+
+def _phantom_case(rng, S, n_slices):
+    """One patient: yields labels (S, S) for n_slices axial slices through its tumour (which grows and
+    shrinks from slice to slice, as a spheroid cut at different heights)."""
+    cx, cy = S / 2 + rng.normal(0, 0.015 * S), S / 2 + rng.normal(0, 0.015 * S)
+    ax, ay = rng.uniform(0.32, 0.37) * S, rng.uniform(0.40, 0.45) * S  # half width, half length (front-back)
+    tilt = rng.uniform(-0.12, 0.12)
+    outline, depth, twist = _harmonics(rng, 6, 0.03), _harmonics(rng, 9, 0.5), _harmonics(rng, 7, 1.5)
+    gyri_n, gyri_ph, wobble = rng.integers(15, 22), rng.uniform(0, 2 * np.pi), _harmonics(rng, 7, 1.2)
+    vent_size = rng.uniform(0.7, 1.4)
+    # tumour: centre in one hemisphere, core radius, oedema reach, necrotic fraction, irregular outlines
+    side = rng.choice([-1, 1])
+    tp, tq = side * rng.uniform(0.15, 0.55) * ax, rng.uniform(-0.55, 0.55) * ay
+    rt = rng.uniform(0.05, 0.13) * S
+    re_ = rt * rng.uniform(1.3, 2.0)
+    nec = rng.uniform(0.0, 0.65)
+    t_out, e_out, n_out = _harmonics(rng, 5, 0.12), _harmonics(rng, 7, 0.12), _harmonics(rng, 4, 0.12)
+    e_field, t_field = _smooth_noise(rng, S, S / 14), _smooth_noise(rng, S, S / 20)  # lobulated edges
+    zt, rzt = rng.uniform(-0.25, 0.35), rng.uniform(0.15, 0.3)
+    drift = rng.normal(0, 0.08 * S, 2)  # the tumour's centre moves a little from slice to slice
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    c, s_ = np.cos(tilt), np.sin(tilt)
+    p, q = c * (xx - cx) + s_ * (yy - cy), -s_ * (xx - cx) + c * (yy - cy)  # brain frame: p left-right, q front-back
+    th = np.arctan2(q / ay, p / ax)
+    r_outline = outline(th) + 0.05 * np.sin(th)  # egg-shaped: narrower in front
+    psi0 = gyri_n * th + gyri_ph + wobble(th)
+    for z in zt + rzt * np.linspace(-0.75, 0.75, n_slices):
+        sc = np.sqrt(max(0.2, 1 - (z / 1.1) ** 2))  # the brain narrows away from its middle
+        rho = np.hypot(p / (ax * sc), q / (ay * sc)) / r_outline
+        lab = np.full((S, S), WM, np.int64)
+        psi = psi0 + twist(th) * (rho - 0.85) * 6  # sulci curve instead of running straight inwards
+        fold = np.cos(psi)
+        lab[rho > 0.81 + 0.06 * fold * np.clip(depth(th), 0.3, 1.7)] = GM  # cortex ribbon folded into gyri
+        lab[(rho > 0.70 + 0.1 * depth(th + 1)) & (fold < -0.95)] = CSF  # sulci
+        lab[rho > 0.965] = CSF  # thin CSF around the brain
+        lab[(np.abs(p) < 0.04 * S) & (np.abs(q) > 0.3 * ay * sc)] = GM  # medial cortex
+        lab[(np.abs(p) < 0.012 * S) & (np.abs(q) > 0.3 * ay * sc)] = CSF  # interhemispheric fissure
+        v = max(0.0, 1 - (z / 0.5) ** 2) * vent_size
+        if v > 0.05:
+            for sgn in (-1, 1):  # deep grey nuclei, then the lateral ventricles' butterfly
+                lab[((p - sgn * 0.14 * S) / (0.06 * S)) ** 2 + ((q - 0.03 * S) / (0.1 * S)) ** 2 < min(1, v)] = DEEP_GM
+                wy = 0.2 * S * min(1.0, v) + 1
+                off = sgn * (0.04 * S + 0.05 * S * (q / wy) ** 2)
+                lab[((p - off) / (0.028 * S * v + 0.5)) ** 2 + ((q + 0.02 * S) / wy) ** 2 < 1] = CSF
+        brain = rho < 1
+        # tumour at this level: radii shrink towards its top and bottom, outlines irregular and lobulated
+        ft = np.sqrt(max(0.0, 1 - ((z - zt) / rzt) ** 2))
+        fe = np.sqrt(max(0.0, 1 - ((z - zt) / (1.4 * rzt)) ** 2))
+        d = (z - zt) / rzt
+        dp, dq = p - tp - d * drift[0], q - tq - d * drift[1]
+        r, a = np.hypot(dp, dq), np.arctan2(dq, dp)
+        lab[brain & (r / (re_ * fe * e_out(a) + 1e-6) + 0.3 * np.clip(e_field, -1, 1) < 1)] = OEDEMA
+        lab[brain & (r / (rt * ft * t_out(a) + 1e-6) + 0.12 * t_field < 1)] = RIM
+        lab[brain & (r < nec * rt * ft * n_out(a))] = NECROSIS
+        lab[~brain] = BACKGROUND
+        yield lab
+
+
+def _render(rng, lab, S, contrast):
+    """Labels -> 4 uint8 images (t2f, t2w, t1n, t1c): tissue signal, texture, partial volume blur,
+    patchy enhancement, smooth bias field and Rician noise, then windowed to 0..255."""
+    brain = lab != BACKGROUND
+    out = []
+    texture = _smooth_noise(rng, S, S / 40)
+    patches = _smooth_noise(rng, S, S / 30)
+    yy, xx = np.mgrid[-1:1:S * 1j, -1:1:S * 1j]
+    inside = _blur(brain.astype(np.float64), 0.8) > 0.05
+    tumour = (lab == RIM) | (lab == NECROSIS) | (lab == OEDEMA)
+    for m in range(4):
+        img = (_SIGNAL[:, m] * contrast[:, m])[lab]
+        img = img * (1 + 0.04 * texture)
+        img = np.where(tumour, img * (1 + 0.12 * patches), img)  # tumours are heterogeneous
+        img = _blur(img, 0.7)  # partial volume at tissue borders
+        a = rng.normal(0, 0.25, 5)
+        img *= np.exp(0.5 * (a[0] * xx + a[1] * yy + a[2] * xx * yy + a[3] * xx ** 2 + a[4] * yy ** 2))  # bias field
+        sigma = 0.03
+        img = np.hypot(img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape))  # Rician noise
+        img *= inside  # skull-stripped: black outside the brain
+        hi = np.percentile(img[brain], 99.5)
+        out.append(np.clip(img / hi * 235, 0, 255).astype(np.uint8))
+    return out
+
+
+def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
+    """Write a synthetic BraTS-like dataset: out_dir/images/DEMO-<case>-000_<slice>_<mod>.jpg, a
+    summary.jsonl with "<mod> Axial_path" keys and whole-tumour boxes [[maxx, maxy, minx, miny]], and
+    contact_sheet.png. Deterministic for a seed. Returns the summary.jsonl path."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(cases):
+        rng = np.random.default_rng([seed, k])
+        case = f"DEMO-{k:05d}-000"
+        contrast = rng.uniform(0.92, 1.08, _SIGNAL.shape)  # each patient's tissues differ a little
+        for j, lab in enumerate(_phantom_case(rng, size, slices_per_case)):
+            whole = (lab == OEDEMA) | (lab == RIM) | (lab == NECROSIS)
+            if not whole.any():
+                continue
+            row = {}
+            for m, img in zip(MODALITIES, _render(rng, lab, size, contrast)):
+                name = f"images/{case}_{j}_{MODALITIES.index(m)}.jpg"
+                _save_gray(img, out_dir / name)
+                row[f"{m} Axial_path"] = name
+            row["box"] = [_box_of(whole)]
+            rows.append(row)
+    write_jsonl(out_dir / "summary.jsonl", rows)
+    write_contact_sheet(out_dir / "summary.jsonl", out_dir / "contact_sheet.png")
+    return out_dir / "summary.jsonl"
