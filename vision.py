@@ -8,7 +8,19 @@ safetensors checkpoints.
 - QFormer: BLIP-2 (Li et al. 2023), as reused by MiniGPT-4 (Zhu et al. 2023).
 
 Loading is strict: an explicit name-mapping table per layout; every missing, unexpected or wrongly
-shaped tensor is reported by name in one CheckpointError.
+shaped tensor is reported by name in one CheckpointError. Folders that load (Hugging Face layout,
+config.json + model.safetensors or sharded model.safetensors.index.json), tested for parity against
+`transformers` on tiny random models:
+
+| layout | config.json model_type | ViT | Q-Former | e.g. |
+|---|---|---|---|---|
+| BLIP-2 (EVA ViT-g) | blip-2 | vision_model.* | qformer.*, query_tokens, language_projection | Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl |
+| CLIP | clip, clip_vision_model | vision_model.* | - | openai/clip-vit-large-patch14, openai/clip-vit-base-patch16 |
+| SigLIP | siglip, siglip_vision_model | vision_model.* | - | google/siglip-base-patch16-224 |
+
+Everything else in those folders (the OPT/T5 language model, text_model.*, projection heads) is
+never read. Original LAVIS .pth checkpoints are not read: convert them to the Hugging Face layout.
+Weights load into float32 parameters whatever the stored dtype.
 """
 
 import json
@@ -16,11 +28,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 # -----------------------------------------------------------------------------
 # configs
@@ -194,15 +206,18 @@ class ViT(nn.Module):
         """Load the vision tower of a BLIP-2, CLIP or SigLIP checkpoint folder (config.json + safetensors).
         With image_size, position embeddings are interpolated (bicubic) to that size's grid."""
         folder = Path(folder)
-        layout, vcfg, prefix = vision_layout(folder)
+        layout, vcfg = vision_layout(folder)
         cfg = vit_config_from_hf(layout, vcfg)
+        index = safetensors_index(folder)
+        # whole models and CLIPVisionModel keep the tower under `vision_model.`; a tower saved alone may not
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in index) else ""
         ckpt_size = cfg.image_size
         if image_size is not None:
             cfg.image_size = image_size
         model = cls(cfg)
         mapping, transforms = vit_mapping(cfg, layout, prefix, ckpt_grid=ckpt_size // cfg.patch_size)
         ignore = VIT_IGNORE[layout]
-        keys = [k for k in safetensors_index(folder) if k.startswith(prefix) and not _ignored(k[len(prefix):], ignore)]
+        keys = [k for k in index if k.startswith(prefix) and not _ignored(k[len(prefix):], ignore)]
         load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
         return model
 
@@ -267,7 +282,7 @@ class QFormer(nn.Module):
         """Load `query_tokens` and `qformer.*` of a BLIP-2 folder. `proj` takes `language_projection` when
         its shape fits out_dim; otherwise it stays freshly initialised (MiniGPT-4 trains its own)."""
         folder = Path(folder)
-        layout, _, _ = vision_layout(folder)
+        layout, _ = vision_layout(folder)
         if layout != "blip2":
             raise CheckpointError(f"{folder}: a Q-Former loads only from a BLIP-2 checkpoint, this one is {layout}")
         hf = _read_config(folder)
@@ -315,8 +330,6 @@ def safetensors_index(folder) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         return {k: folder / f for k, f in weight_map.items()}
     if single.exists():
-        from safetensors import safe_open
-
         with safe_open(str(single), "pt") as f:
             return {k: single for k in f.keys()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else "no such folder"
@@ -326,8 +339,6 @@ def safetensors_index(folder) -> dict[str, Path]:
 def load_safetensors(folder, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Read the tensors named in `wanted` (all when None) from one file or many shards. Files are opened
     lazily and only the wanted tensors are read; names the folder lacks are left out (see load_mapped)."""
-    from safetensors import safe_open
-
     index = safetensors_index(folder)
     by_file: dict[Path, list[str]] = {}
     for k, f in index.items():
@@ -393,8 +404,6 @@ def _read_config(folder: Path) -> dict:
 
 
 def _shape(index: dict, key: str) -> tuple:
-    from safetensors import safe_open
-
     with safe_open(str(index[key]), "pt") as f:
         return tuple(f.get_slice(key).get_shape())
 
@@ -425,8 +434,8 @@ VIT_IGNORE = {
 QFORMER_IGNORE = ("qformer.embeddings.", "qformer.encoder.layer.*.intermediate.", "qformer.encoder.layer.*.output.")
 
 
-def vision_layout(folder: Path) -> tuple[str, dict, str]:
-    """Tell a BLIP-2, CLIP or SigLIP folder apart by config.json -> (layout, vision config dict, key prefix)."""
+def vision_layout(folder: Path) -> tuple[str, dict]:
+    """Tell a BLIP-2, CLIP or SigLIP folder apart by config.json -> (layout, vision config dict)."""
     hf = _read_config(folder)
     mt = hf.get("model_type", "")
     archs = hf.get("architectures") or []
@@ -439,9 +448,7 @@ def vision_layout(folder: Path) -> tuple[str, dict, str]:
             "expected a BLIP-2 ('blip-2'), CLIP ('clip') or SigLIP ('siglip') folder"
         )
     standalone = mt.endswith("_vision_model")  # a vision tower saved alone: config.json is the vision config
-    vcfg = hf if standalone else hf.get("vision_config") or {}
-    prefix = "" if mt == "blip_2_vision_model" else "vision_model."  # Blip2VisionModel has no vision_model wrapper
-    return layout, vcfg, prefix
+    return layout, hf if standalone else hf.get("vision_config") or {}
 
 
 def vit_config_from_hf(layout: str, v: dict) -> ViTConfig:

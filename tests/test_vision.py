@@ -19,7 +19,11 @@ from vision import (
     safetensors_index,
 )
 
-transformers = pytest.importorskip("transformers")
+
+
+def hf_lib():
+    """transformers is the test-only oracle; tests that need it skip without it."""
+    return pytest.importorskip("transformers")
 
 
 def rel_err(a, b):
@@ -47,7 +51,7 @@ BLIP2_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
 
 
 def blip2_config(cross_attention_frequency=2, depth=2):
-    return transformers.Blip2Config(
+    return hf_lib().Blip2Config(
         vision_config=BLIP2_VISION,
         qformer_config=dict(hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=48,
                             cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=32,
@@ -62,7 +66,7 @@ def blip2_config(cross_attention_frequency=2, depth=2):
 def blip2(tmp_path_factory):
     """A whole tiny BLIP-2 (vision, Q-Former with cross-attention in layers 0 and 2, OPT) saved to safetensors."""
     torch.manual_seed(0)
-    hf = transformers.Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=2, depth=3)).eval()
+    hf = hf_lib().Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=2, depth=3)).eval()
     perturb(hf)
     folder = tmp_path_factory.mktemp("blip2")
     hf.save_pretrained(folder)
@@ -72,13 +76,13 @@ def blip2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
+    cfg = hf_lib().CLIPConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
                          bos_token_id=0, eos_token_id=1, pad_token_id=1),
         projection_dim=8,
     )
-    hf = transformers.CLIPModel(cfg).eval()
+    hf = hf_lib().CLIPModel(cfg).eval()
     perturb(hf)
     folder = tmp_path_factory.mktemp("clip")
     hf.save_pretrained(folder)
@@ -131,7 +135,7 @@ def test_qformer_projection_kept_fresh_when_width_differs(blip2):
 
 def test_qformer_cross_attention_every_layer(tmp_path):
     torch.manual_seed(0)
-    hf = transformers.Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=1)).eval()
+    hf = hf_lib().Blip2ForConditionalGeneration(blip2_config(cross_attention_frequency=1)).eval()
     perturb(hf)
     hf.save_pretrained(tmp_path)
     qf = QFormer.from_pretrained(tmp_path, out_dim=16).eval()
@@ -159,11 +163,11 @@ def test_clip_vit_parity(clip):
 
 def test_siglip_vit_parity(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.SiglipConfig(
+    cfg = hf_lib().SiglipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50),
     )
-    hf = transformers.SiglipModel(cfg).eval()
+    hf = hf_lib().SiglipModel(cfg).eval()
     perturb(hf)
     hf.save_pretrained(tmp_path)
     vit = ViT.from_pretrained(tmp_path).eval()
@@ -176,7 +180,7 @@ def test_siglip_vit_parity(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["blip2", "clip"])
-def test_interpolated_position_embeddings_match_hf(which, blip2, clip, request):
+def test_interpolated_position_embeddings_match_hf(which, blip2, clip):
     """Loading at another image size equals HF's interpolate_pos_encoding=True at that size."""
     hf, folder = {"blip2": blip2, "clip": clip}[which]
     vit = ViT.from_pretrained(folder, image_size=48).eval()
@@ -336,3 +340,17 @@ def test_from_scratch_shapes_and_gradients():
     assert out.shape == (3, 5, 40)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*vit.parameters(), *qf.parameters()])
+
+
+def test_vision_tower_saved_alone(blip2, clip, tmp_path):
+    """Blip2VisionModel / CLIPVisionModel saved on their own (config.json is the vision config) load too,
+    and an old CLIP checkpoint's `position_ids` buffer is skipped, not reported."""
+    x = images(1, 32)
+    for name, (hf, _) in {"blip2": blip2, "clip": clip}.items():
+        tower = hf.vision_model
+        tower.save_pretrained(tmp_path / name)
+        vit = ViT.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            assert rel_err(vit(x), tower(pixel_values=x).last_hidden_state) <= 1e-4
+    old = edit_checkpoint(clip[1], tmp_path / "old", lambda t: t | {"vision_model.embeddings.position_ids": torch.arange(17)[None]})
+    ViT.from_pretrained(old)
