@@ -619,3 +619,180 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
     write_jsonl(out_dir / "summary.jsonl", rows)
     write_contact_sheet(out_dir / "summary.jsonl", out_dir / "contact_sheet.png")
     return out_dir / "summary.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# BraTS converter. NIfTI-1 is read by a small reader of our own (gzip + struct + numpy, below) rather
+# than nibabel: BraTS volumes are plain single-file NIfTI-1, ~60 lines cover them, and users need no
+# extra (large) dependency to convert their data.
+
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def read_nifti(path):
+    """A NIfTI-1 file (.nii or .nii.gz) -> (volume float32 (X, Y, Z) in RAS+ order: index grows towards
+    the patient's Right, Anterior, Superior, intensity scaling applied)."""
+    path = Path(path)
+    raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+    if len(raw) < 352:
+        raise DataError(f"{path}: too short for a NIfTI-1 file")
+    e = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
+    if struct.unpack(e + "i", raw[:4])[0] != 348 or raw[344:347] != b"n+1":
+        raise DataError(f"{path}: not a single-file NIfTI-1 image (NIfTI-2 and .hdr/.img pairs are not supported)")
+    dim = struct.unpack(e + "8h", raw[40:56])
+    dtype = struct.unpack(e + "h", raw[70:72])[0]
+    if dtype not in _NIFTI_DTYPES:
+        raise DataError(f"{path}: unsupported NIfTI datatype code {dtype}")
+    if dim[0] > 3 and any(d > 1 for d in dim[4:dim[0] + 1]):
+        raise DataError(f"{path}: a {dim[0]}-D image; expected one 3-D volume")
+    pixdim = struct.unpack(e + "8f", raw[76:108])
+    vox_offset = int(struct.unpack(e + "f", raw[108:112])[0])
+    slope, inter = struct.unpack(e + "2f", raw[112:120])
+    qform_code, sform_code = struct.unpack(e + "2h", raw[252:256])
+    shape = tuple(max(1, d) for d in dim[1:4])
+    count = shape[0] * shape[1] * shape[2]
+    dt = np.dtype(e + _NIFTI_DTYPES[dtype])
+    data = np.frombuffer(raw, dt, count, vox_offset).reshape(shape, order="F")  # NIfTI stores x fastest
+    if slope not in (0.0, 1.0) or inter != 0.0:  # scl_slope 0 means "no scaling"
+        data = data.astype(np.float64) * (slope if slope else 1.0) + inter
+    data = data.astype(np.float32)
+    # voxel axes -> world (RAS+) directions: the sform if set, else the qform, else the identity
+    if sform_code > 0:
+        rot = np.array(struct.unpack(e + "12f", raw[280:328]), np.float64).reshape(3, 4)[:, :3]
+    elif qform_code > 0:
+        b, c, d = struct.unpack(e + "3f", raw[256:268])
+        a = math.sqrt(max(0.0, 1 - b * b - c * c - d * d))
+        rot = np.array([[a*a + b*b - c*c - d*d, 2*(b*c - a*d), 2*(b*d + a*c)],
+                        [2*(b*c + a*d), a*a + c*c - b*b - d*d, 2*(c*d - a*b)],
+                        [2*(b*d - a*c), 2*(c*d + a*b), a*a + d*d - c*c - b*b]])
+        rot[:, 2] *= -1 if pixdim[0] < 0 else 1  # qfac
+    else:
+        rot = np.eye(3)
+    world = np.abs(rot).argmax(0)  # which world axis each voxel axis runs along
+    if sorted(world) != [0, 1, 2]:
+        raise DataError(f"{path}: oblique orientation; cannot tell which axis is which")
+    for i in range(3):
+        if rot[world[i], i] < 0:
+            data = np.flip(data, i)
+    return np.ascontiguousarray(data.transpose(np.argsort(world)))  # (R, A, S)
+
+
+def _slice(vol, view, k):
+    """An upright 2-D slice of a RAS+ volume, radiological convention (the patient's right on the image's
+    left): axial with the nose up, coronal and sagittal with the top of the head up (sagittal facing left)."""
+    if view == "axial":
+        return vol[::-1, ::-1, k].T  # rows: anterior -> posterior
+    if view == "coronal":
+        return vol[::-1, k, ::-1].T  # rows: superior -> inferior
+    return vol[k, ::-1, ::-1].T  # sagittal; columns: anterior -> posterior
+
+
+def _window(vol, brain, lo_pct=0.5, hi_pct=99.5):
+    """Intensities -> uint8 by percentiles inside the brain (robust to any scale: int, float, z-scored);
+    black outside the brain."""
+    lo, hi = np.percentile(vol[brain], [lo_pct, hi_pct])
+    out = np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    return np.where(brain, out, 0).astype(np.uint8)
+
+
+def convert_brats(src, out, views=("axial",), min_tumor_px=100, val_fraction=0.2, seed=0, log=print):
+    """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG slices and jsonl rows (see DESIGN.md).
+
+    Keeps slices with at least min_tumor_px whole-tumour pixels (seg > 0). Images are
+    out/images/<case>_<viewindex>-<slice>_<modindex>.jpg (view index in VIEWS, modality index in the row's
+    key order). Writes summary.jsonl (all rows), train.jsonl and val.jsonl (split by patient). Rows of
+    different views have different keys, so with several views each view gets its own folder out/<view>/.
+    Returns {view: number of rows}.
+    """
+    src, out = Path(src), Path(out)
+    case_dirs = sorted(d for d in src.iterdir() if d.is_dir()) if src.is_dir() else []
+    if not case_dirs:
+        raise DataError(f"{src}: no case folders")
+    mods, rows = None, {v: [] for v in views}
+    for d in case_dirs:
+        files = {f.name[len(d.name) + 1:].split(".nii")[0]: f for f in d.glob(f"{d.name}-*.nii*")}
+        if "seg" not in files:
+            log(f"{d.name}: no {d.name}-seg.nii.gz (no tumour labels), skipped")
+            continue
+        present = [m for m in MODALITIES if m in files]
+        if mods is None:
+            mods = present
+            log(f"modalities: {', '.join(mods)}")
+        if present != mods:
+            log(f"{d.name}: modalities {present} differ from the first case's {mods}, skipped")
+            continue
+        seg = read_nifti(files["seg"]) > 0
+        vols = [read_nifti(files[m]) for m in mods]
+        if any(v.shape != seg.shape for v in vols):
+            log(f"{d.name}: volumes of different shapes {[v.shape for v in vols]}, skipped")
+            continue
+        # the brain: a brainmask volume when present (z-scored data has a nonzero background), else nonzero voxels
+        brain = read_nifti(files["brainmask"]) > 0 if "brainmask" in files else np.any([v != 0 for v in vols], 0)
+        images = [_window(v, brain) for v in vols]
+        added = {}
+        for view in views:
+            vi, axis = VIEWS.index(view), {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+            folder = out if len(views) == 1 else out / view
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            counts = seg.sum(tuple(a for a in range(3) if a != axis))
+            for k in np.nonzero(counts >= min_tumor_px)[0]:
+                row = {}
+                for j, (m, img) in enumerate(zip(mods, images)):
+                    name = f"images/{d.name}_{vi}-{k:03d}_{j}.jpg"
+                    _save_gray(np.ascontiguousarray(_slice(img, view, k)), folder / name)
+                    row[f"{m} {view.capitalize()}_path"] = name
+                row["box"] = [_box_of(_slice(seg, view, k))]
+                rows[view].append(row)
+            added[view] = int((counts >= min_tumor_px).sum())
+        log(f"{d.name}: " + ", ".join(f"{view} {n} slices" for view, n in added.items()))
+    if mods is None:
+        raise DataError(f"{src}: no case has a seg file; nothing to convert")
+    for view in views:
+        folder = out if len(views) == 1 else out / view
+        val = _val_cases([case_id(next(iter(r.values()))) for r in rows[view]], val_fraction, seed)
+        is_val = [case_id(next(iter(r.values()))) in val for r in rows[view]]
+        write_jsonl(folder / "summary.jsonl", rows[view])
+        write_jsonl(folder / "train.jsonl", [r for r, v in zip(rows[view], is_val) if not v])
+        write_jsonl(folder / "val.jsonl", [r for r, v in zip(rows[view], is_val) if v])
+        if rows[view]:
+            write_contact_sheet(folder / "summary.jsonl", folder / "contact_sheet.png")
+        log(f"{view}: {len(rows[view])} slices, {len(val)} validation cases ({', '.join(sorted(val))}) -> {folder}")
+    return {v: len(rows[v]) for v in views}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Make datasets for minigpt-mri.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="write a synthetic BraTS-like demo dataset")
+    p.add_argument("out_dir", help="output folder (images/, summary.jsonl, contact_sheet.png)")
+    p.add_argument("--cases", type=int, default=60, help="number of synthetic patients (default 60)")
+    p.add_argument("--slices", type=int, default=6, help="slices per patient (default 6)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    p = sub.add_parser("brats", help="convert BraTS NIfTI case folders into JPEG slices and jsonl")
+    p.add_argument("src_dir", help="folder of case folders <case>/<case>-{t2f,t2w,t1n,t1c,seg}.nii.gz")
+    p.add_argument("out_dir", help="output folder (images/, summary.jsonl, train.jsonl, val.jsonl, contact_sheet.png)")
+    p.add_argument("--views", default="axial", help="comma-separated subset of axial,coronal,sagittal (default axial)")
+    p.add_argument("--min-tumor-px", type=int, default=100, help="keep slices with at least this many tumour pixels (default 100)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val.jsonl (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        path = make_demo(args.out_dir, args.cases, args.slices, args.seed, args.size)
+        print(f"wrote {path} and {Path(args.out_dir) / 'contact_sheet.png'}")
+    else:
+        views = [v.strip().lower() for v in args.views.split(",") if v.strip()]
+        bad = [v for v in views if v not in VIEWS]
+        if bad or not views:
+            parser.error(f"--views: unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
+        convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.val_fraction, args.seed)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
