@@ -307,7 +307,8 @@ class QFormer(nn.Module):
             mapping |= {"proj.weight": lp, "proj.bias": "language_projection.bias"}
         else:
             mapping |= {"proj.weight": None, "proj.bias": None}  # keep the fresh init
-        keys = [k for k in index if (k == "query_tokens" or k.startswith("qformer.")) and not _ignored(k, QFORMER_IGNORE)]
+        ours = [k for k in index if k == "query_tokens" or k.startswith("qformer.")]
+        keys = [k for k in ours if not _ignored(k, QFORMER_IGNORE)]
         keys += [k for k in mapping.values() if isinstance(k, str) and k.startswith("language_projection.")]
         load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
         return model
@@ -427,7 +428,8 @@ ARCHITECTURES = {"Blip2": "blip2", "CLIP": "clip", "Siglip": "siglip"}
 # tensors under the vision prefix we knowingly skip, with the reason
 VIT_IGNORE = {
     "blip2": (),
-    "clip": ("post_layernorm.", "embeddings.position_ids"),  # post_layernorm: pooled token only; position_ids: an old buffer
+    # post_layernorm: CLIP applies it to the pooled token only; position_ids: a buffer older files stored
+    "clip": ("post_layernorm.", "embeddings.position_ids"),
     "siglip": ("head.", "embeddings.position_ids"),  # head: attention-pooling head for the contrastive loss
 }
 # text-side Q-Former tensors (ITM checkpoints, BERT embeddings) that queries never use
@@ -487,7 +489,9 @@ def vit_mapping(cfg: ViTConfig, layout: str, prefix: str, ckpt_grid: int):
     ckpt_T = int(cfg.class_token) + ckpt_grid**2
 
     def pos(p):  # a grid other than config.json's is a shape error (None), not a silent resize
-        return resize_pos_embed(p.reshape(1, -1, D), (cfg.grid, cfg.grid), cfg.class_token) if p.numel() == ckpt_T * D else None
+        if p.numel() != ckpt_T * D:
+            return None
+        return resize_pos_embed(p.reshape(1, -1, D), (cfg.grid, cfg.grid), cfg.class_token)
 
     t = {"pos_embed": pos}
     if layout == "blip2":
@@ -523,7 +527,8 @@ def qformer_mapping(cfg: QFormerConfig):
     """Our Q-Former's names -> BLIP-2's (`qformer.*`, a BERT encoder). BERT keeps query/key/value apart;
     we fuse self-attention's into `qkv` and cross-attention's key/value into `kv` (cat on dim 0).
     The query feed-forward is BLIP-2's `intermediate_query`/`output_query` (the text one is skipped)."""
-    m = {"query": "query_tokens", "norm_in.weight": "qformer.layernorm.weight", "norm_in.bias": "qformer.layernorm.bias"}
+    m = {"query": "query_tokens"}
+    m |= {"norm_in.weight": "qformer.layernorm.weight", "norm_in.bias": "qformer.layernorm.bias"}
     for i in range(cfg.depth):
         o, h = f"layers.{i}.", f"qformer.encoder.layer.{i}."
         for wb in ("weight", "bias"):

@@ -354,3 +354,13 @@ def test_vision_tower_saved_alone(blip2, clip, tmp_path):
             assert rel_err(vit(x), tower(pixel_values=x).last_hidden_state) <= 1e-4
     old = edit_checkpoint(clip[1], tmp_path / "old", lambda t: t | {"vision_model.embeddings.position_ids": torch.arange(17)[None]})
     ViT.from_pretrained(old)
+
+
+def test_position_grid_disagreeing_with_config_is_a_shape_error(blip2, tmp_path):
+    _, folder = blip2
+    bad = edit_checkpoint(folder, tmp_path / "bad", lambda t: t)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vision_config"]["image_size"] = 40  # grid 5x5, but the stored embeddings are for 4x4
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"position_embedding \(1, 17, 32\) -> pos_embed expects \(1, 26, 32\)"):
+        ViT.from_pretrained(bad)
