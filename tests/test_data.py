@@ -1,0 +1,291 @@
+"""Tests of data.py: the data contract, boxes, tokenizer, batches, patient split, demo dataset."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataError
+
+
+def gray(path, W=40, H=30, value=128):
+    Image.fromarray(np.full((H, W), value, np.uint8)).save(path)
+    return path.name
+
+
+def write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def ds(tmp_path):
+    """Two modalities, 40x30 images; returns a function making a summary.jsonl from extra rows."""
+    for n in ("a_0", "a_1", "b_0", "b_1"):
+        gray(tmp_path / f"{n}.png")
+    good = {"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[30, 20, 10, 5]]}
+
+    def make(*rows):
+        return write_rows(tmp_path / "s.jsonl", [good, *rows])
+    return make, good
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return data.Tokenizer.train(tmp_path_factory.mktemp("tok") / "tokenizer.model", num_bins=32, max_images=4)
+
+
+# -- summary.jsonl ---------------------------------------------------------------------------------
+
+def test_read_summary_good(ds, tmp_path):
+    make, good = ds
+    row2 = {"t1c Axial_path": str(tmp_path / "b_1.png"), "t2f Axial_path": "b_0.png", "box": [[0, 0, 5, 6], [-4, 25, 45, 28]], "x": 1}
+    mods, samples = data.read_summary(make("", row2))
+    assert mods == ["t2f Axial", "t1c Axial"]
+    assert [s.line for s in samples] == [1, 3]
+    assert samples[0].boxes == [[10, 5, 30, 20]] and samples[0].size == (40, 30)
+    assert samples[1].paths == [str(tmp_path / "b_0.png"), str(tmp_path / "b_1.png")]  # first row's order
+    assert samples[1].boxes == [[0, 0, 5, 6], [0, 25, 40, 28]]  # partly outside: clipped
+    assert samples[1].row["x"] == 1
+
+
+def test_read_summary_xywh_and_output(ds):
+    make, good = ds
+    _, samples = data.read_summary(write_rows(make().parent / "x.jsonl", [{**good, "box": [[10, 5, 20, 15]]}]), box_format="xywh")
+    assert samples[0].boxes == [[10, 5, 30, 20]]
+    assert data.box_to_output([10, 5, 30, 20], "corners") == [30, 20, 10, 5]
+    assert data.box_to_output([10, 5, 30, 20], "xywh") == [10, 5, 20, 15]
+
+
+def test_missing_box_allowed_for_prediction(ds):
+    make, good = ds
+    path = make({k: v for k, v in good.items() if k != "box"})
+    with pytest.raises(DataError, match=r"s\.jsonl:2: no 'box' key"):
+        data.read_summary(path)
+    assert data.read_summary(path, require_boxes=False)[1][1].boxes == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"t2f Axial_path": "a_0.png", ', r"s\.jsonl:2: invalid JSON"),
+    ({"t2f Axial_path": "nope.png", "t1c Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: 't2f Axial_path' image not found: .*nope\.png"),
+    ({"t2f Axial_path": "bad.png", "t1c Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: 't2f Axial_path' cannot be read as an image: .*bad\.png"),
+    ({"t2f Axial_path": "a_0.png", "t2w Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: modalities \['t2f Axial', 't2w Axial'\] differ from the first row's \['t2f Axial', 't1c Axial'\]"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "big.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: images of one row must have one size, got 't2f Axial_path' 40x30, 't1c Axial_path' 50x30"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, "a", 2, 2]]}, r"s\.jsonl:2: 'box' entry \[1, 'a', 2, 2\] is not four numbers"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, 2, 3]]}, r"s\.jsonl:2: 'box' entry \[1, 2, 3\] is not four numbers"),
+    ('{"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, NaN, 2, 2]]}', r"s\.jsonl:2: 'box' entry \[1, nan, 2, 2\] is not finite"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[5, 1, 5, 9]]}, r"s\.jsonl:2: 'box' entry \[5, 1, 5, 9\] has zero \(or negative\) width or height"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[50, 1, 60, 9]]}, r"s\.jsonl:2: 'box' entry \[50, 1, 60, 9\] lies entirely outside the 40x30 image"),
+    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": 3}, r"s\.jsonl:2: 'box' must be a list of boxes"),
+    ('[1, 2]', r"s\.jsonl:2: expected a JSON object, got list"),
+    ({"image": "a_0.png"}, r"s\.jsonl:2: no image keys"),
+])
+def test_bad_input_names_file_line_and_value(ds, tmp_path, bad, message):
+    make, _ = ds
+    (tmp_path / "bad.png").write_bytes(Image.new("L", (40, 30)).tobytes()[:100])  # not an image file
+    gray(tmp_path / "big.png", W=50)
+    with pytest.raises(DataError, match=message):
+        data.read_summary(make(bad))
+
+
+def test_truncated_jpeg_is_corrupt(ds, tmp_path):
+    make, good = ds
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "t.jpg")
+    raw = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(raw[: len(raw) // 2])
+    row = {**good, "t1c Axial_path": "t.jpg"}
+    with pytest.raises(DataError, match=r"s\.jsonl:2: 't1c Axial_path' cannot be read as an image"):
+        data.read_summary(make(row))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=r"e\.jsonl: empty file"):
+        data.read_summary(tmp_path / "e.jsonl")
+
+
+# -- images and boxes --------------------------------------------------------------------------------
+
+def test_load_image_gray_to_three_channels(tmp_path):
+    Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (20, 1))).save(tmp_path / "g.png")  # 50x20
+    x = data.load_image(tmp_path / "g.png", 16, mean=(0, 0, 0), std=(1, 1, 1))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    assert x[0, :, 0].max() < 0.1 and x[0, :, -1].min() > 0.85  # left dark, right bright: not transposed
+    y = data.load_image(tmp_path / "g.png", 16)
+    assert torch.allclose(y[1], (x[1] - data.CLIP_MEAN[1]) / data.CLIP_STD[1], atol=1e-6)
+
+
+def test_box_bins_round_trip_worst_case():
+    W, H, bins = 240, 155, 32
+    assert data.box_to_bins([0, 0, W, H], W, H, bins) == [0, 0, bins - 1, bins - 1]
+    assert data.box_to_bins([7.5, 0, 15, 4.9], W, H, bins) == [1, 0, 2, 1]
+    assert data.bins_to_box([3, 5, 1, 2], W, H, bins) == [1.5 * W / bins, 2.5 * H / bins, 3.5 * W / bins, 5.5 * H / bins]
+    worst = [0.0, 0.0]
+    for v in np.linspace(0, 1, 997):
+        box = [v * W, v * H, v * W, v * H]
+        back = data.bins_to_box(data.box_to_bins(box, W, H, bins), W, H, bins)
+        worst = [max(worst[0], abs(back[0] - box[0])), max(worst[1], abs(back[1] - box[1]))]
+    assert worst[0] <= W / (2 * bins) + 1e-9 and worst[1] <= H / (2 * bins) + 1e-9
+    assert worst[0] > 0.95 * W / (2 * bins)  # the bound is reached, so it is the worst case
+
+
+def test_box_iou():
+    assert data.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert math.isclose(data.box_iou([0, 0, 10, 10], [5, 0, 15, 10]), 50 / 150)
+    assert data.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+
+
+# -- tokenizer, prompt, answer --------------------------------------------------------------------
+
+def test_tokenizer_training_is_deterministic(tmp_path, tok):
+    again = data.Tokenizer.train(tmp_path / "t2.model", num_bins=32, max_images=4)
+    assert (tmp_path / "t2.model").read_bytes() == open(tok.model_path, "rb").read()
+    text = "<Img1> where is the tumor? 2024 ünïcode <box><loc_3></box>"
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_specials_are_single_pieces_and_text_round_trips(tok):
+    specials = data.special_tokens(32, 4)
+    assert len(specials) == 2 + 8 + 32
+    for t in specials:
+        assert tok.encode(t) == [tok.special_ids[t]]
+    assert [tok.loc_start + k for k in range(32)] == [tok.special_ids[f"<loc_{k}>"] for k in range(32)]
+    assert tok.encode("12")[-2:] == [tok.sp.piece_to_id("1"), tok.sp.piece_to_id("2")]  # digits split
+    text = "</Img2> where is the tumour? ±中 <box><loc_0><loc_31></box>"
+    assert tok.decode(tok.encode(text)) == text  # byte fallback: nothing is lost
+    assert tok.vocab_size == tok.sp.get_piece_size() and tok.pad_id == 3 and tok.bos_id == 1 and tok.eos_id == 2
+
+
+def test_prompt_chunk_layout(tok):
+    chunks = data.prompt_chunks(tok, 3)
+    ids = tok.special_ids
+    assert len(chunks) == 4
+    assert chunks[0] == [tok.bos_id, ids["<Img1>"]]
+    assert chunks[1] == [ids["</Img1>"], ids["<Img2>"]]
+    assert chunks[2] == [ids["</Img2>"], ids["<Img3>"]]
+    assert chunks[3][0] == ids["</Img3>"] and chunks[3][-1] == tok.box_id
+    assert tok.decode(chunks[3][1:-1]) == " where is the tumor? "
+    v = data.prompt_chunks(tok, 1, "vicuna")
+    assert tok.decode(v[0][1:]) == "###Human: <Img1>"
+    assert tok.decode(v[1]) == "</Img1> where is the tumor? ###Assistant: <box>"
+    assert data.prompt_text(1, "llama2") == "[INST] <Img1><ImageHere></Img1> where is the tumor? [/INST] <box>"
+    with pytest.raises(DataError, match="image tags for 1..4"):
+        data.prompt_chunks(tok, 5)
+
+
+def test_answer_ids_and_parse(tok):
+    ids = data.answer_ids(tok, [[1, 2, 3, 4], [0, 31, 5, 6]])
+    assert ids == [tok.loc_start + v for v in (1, 2, 3, 4, 0, 31, 5, 6)] + [tok.box_end_id, tok.eos_id]
+    assert data.parse_answer(tok, ids) == [[1, 2, 3, 4], [0, 31, 5, 6]]
+    assert data.parse_answer(tok, ids[:6]) == [[1, 2, 3, 4]]  # trailing partial group dropped
+    assert data.parse_answer(tok, ids[:4] + [tok.box_end_id] + ids[4:8]) == [[1, 2, 3, 4]]  # stops at </box>
+    assert data.parse_answer(tok, [tok.box_end_id]) == []
+
+
+def test_llama_vocab_gets_specials_appended(tmp_path):
+    """A sentencepiece model without our specials stands in for LLaMA's tokenizer.model."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50), model_writer=buf,
+        model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as LLaMA's
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    (tmp_path / "llama.model").write_bytes(buf.getvalue())
+    t = data.Tokenizer(tmp_path / "llama.model", num_bins=16, max_images=2)
+    n = t.sp.get_piece_size()
+    specials = data.special_tokens(16, 2)
+    assert [t.special_ids[s] for s in specials] == list(range(n, n + len(specials)))
+    assert t.box_id == n and t.box_end_id == n + 1 and t.loc_start == n + 6
+    assert t.vocab_size == n + len(specials) and t.pad_id == t.eos_id  # no pad piece: eos pads
+    plain = t.sp.encode(" where is the tumor? ")
+    assert t.encode("</Img2> where is the tumor? <box>") == [n + 5] + plain + [n]
+    assert t.decode(data.prompt_chunks(t, 2)[2]) == "</Img2> where is the tumor? <box>"
+    with pytest.raises(DataError, match="some of our special tokens"):
+        data.Tokenizer.train(tmp_path / "ours.model", num_bins=8, max_images=2)
+        data.Tokenizer(tmp_path / "ours.model", num_bins=16, max_images=2)
+
+
+# -- batches and split ------------------------------------------------------------------------------
+
+def test_box_dataset_shapes_and_masks(ds, tok, tmp_path):
+    make, good = ds
+    row = {**good, "box": [[0, 0, 4, 4], [0, 0, 40, 30], [10, 10, 20, 20]]}
+    _, samples = data.read_summary(make(row))
+    dset = data.BoxDataset(samples, tok, image_size=16, max_boxes=2)
+    batch = torch.utils.data.default_collate([dset[0], dset[1]])
+    assert batch["images"].shape == (2, 2, 3, 16, 16) and batch["images"].dtype == torch.float32
+    assert batch["answer"].shape == (2, 10) and batch["answer_mask"].shape == (2, 10)
+    assert batch["index"].tolist() == [0, 1]
+    # row 1: box [10, 5, 30, 20] of 40x30 in 32 bins -> [8, 5, 24, 21]
+    assert batch["answer"][0].tolist() == [tok.loc_start + v for v in (8, 5, 24, 21)] + [tok.box_end_id, tok.eos_id] + [tok.pad_id] * 4
+    assert batch["answer_mask"][0].tolist() == [True] * 6 + [False] * 4
+    # row 2: three boxes, the largest two kept, largest first
+    assert data.parse_answer(tok, batch["answer"][1].tolist()) == [[0, 0, 31, 31], [8, 10, 16, 21]]
+    assert batch["answer_mask"][1].all()
+
+
+def test_hflip_augment_mirrors_boxes(ds, tok):
+    make, good = ds
+    _, samples = data.read_summary(make({**good, "box": [[0, 0, 10, 10]]}))
+    dset = data.BoxDataset(samples, tok, 16, 1, augment=lambda im, b: data.random_hflip(im, b, p=1.0))
+    item = dset[1]
+    assert torch.equal(item["images"], data.load_images(samples[1], 16).flip(-1))
+    # [0, 0, 10, 10] of 40x30 -> [0, 0, 4, 5.33] at 16 px -> mirrored [12, 0, 16, 5.33] -> 32 bins
+    assert data.parse_answer(tok, item["answer"].tolist()) == [[24, 0, 31, 10]]
+    assert data.parse_answer(tok, data.BoxDataset(samples, tok, 16, 1)[1]["answer"].tolist()) == [[0, 0, 8, 10]]
+
+
+def test_case_id():
+    assert data.case_id("/x/BraTS-GLI-00000-000_2_0.jpg") == "BraTS-GLI-00000-000"
+    assert data.case_id("BraTS2015-pat0001_1_0-077_3.jpg") == "BraTS2015-pat0001_1"
+    assert data.case_id("images/DEMO-00012-000_5_1.jpg") == "DEMO-00012-000"
+    assert data.case_id("scan.png") == "scan"
+
+
+def test_split_by_patient_never_splits_a_case():
+    samples = [data.Sample([f"P{c}_{k}_0.jpg"], [], (1, 1), 0, {}, f"P{c}") for c in range(10) for k in range(5)]
+    train, val = data.split_by_patient(samples, 0.3, seed=1)
+    assert len(train) + len(val) == 50 and len(val) == 15
+    assert not {s.case for s in train} & {s.case for s in val}
+    assert data.split_by_patient(samples, 0.3, seed=1)[1] == val  # deterministic
+    assert {s.case for s in data.split_by_patient(samples, 0.3, seed=2)[1]} != {s.case for s in val}
+    assert len(data.split_by_patient(samples[:10], 0.1, 0)[1]) == 5  # 2 cases: one each side
+
+
+# -- demo dataset -----------------------------------------------------------------------------------
+
+def test_demo_is_deterministic_and_readable(tmp_path):
+    a = data.make_demo(tmp_path / "a", cases=3, slices_per_case=3, seed=7, size=64)
+    b = data.make_demo(tmp_path / "b", cases=3, slices_per_case=3, seed=7, size=64)
+    c = data.make_demo(tmp_path / "c", cases=3, slices_per_case=3, seed=8, size=64)
+    assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
+    name = "images/DEMO-00001-000_2_3.jpg"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "contact_sheet.png").is_file()
+    mods, samples = data.read_summary(a)
+    assert mods == ["t2f Axial", "t2w Axial", "t1n Axial", "t1c Axial"] and len(samples) == 9
+    assert [s.case for s in samples[:3]] == ["DEMO-00000-000"] * 3
+    widths = [s.boxes[0][2] - s.boxes[0][0] for s in samples[:3]]
+    assert len(set(widths)) > 1  # the tumour changes size across slices
+
+
+def test_demo_contrasts_follow_the_modalities():
+    """Oedema bright on FLAIR and T2, rim bright on T1c, necrosis dark on T1n, CSF bright on T2 dark on FLAIR."""
+    rng = np.random.default_rng(0)
+    lab = np.full((64, 64), data.WM)
+    lab[56:] = data.BACKGROUND
+    lab[:8], lab[8:16], lab[16:24], lab[24:32], lab[32:40] = data.BACKGROUND, data.CSF, data.OEDEMA, data.RIM, data.NECROSIS
+    t2f, t2w, t1n, t1c = [im.astype(float) for im in data._render(rng, lab, 64, np.ones(data._SIGNAL.shape))]
+    mean = lambda im, r: im[r * 8 + 2: r * 8 + 6, 10:50].mean()
+    wm = lambda im: im[44:52, 10:50].mean()
+    assert mean(t2f, 2) > wm(t2f) + 40 and mean(t2w, 2) > wm(t2w) + 40  # oedema
+    assert mean(t1c, 3) > wm(t1c) + 30 and mean(t1n, 3) < wm(t1n) - 30  # enhancing rim: only after contrast
+    assert mean(t1n, 4) < wm(t1n) - 60  # necrosis
+    assert mean(t2w, 1) > wm(t2w) + 60 and mean(t2f, 1) < wm(t2f) - 40  # CSF
+    assert t2f[:4].max() == 0 and t1c[60:].max() == 0  # skull-stripped background
