@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vision import CheckpointError, QFormer, QFormerConfig, ViT, ViTConfig, load_mapped, load_safetensors, safetensors_index
+
 # -----------------------------------------------------------------------------
 # LLaMA
 
@@ -243,38 +245,44 @@ class LLaMA(nn.Module):
         return int(cfg.n_layers * per_layer + 2 * cfg.dim * cfg.vocab_size)
 
     @classmethod
+    def empty(cls, cfg: LLaMAConfig, dtype=torch.float32) -> "LLaMA":
+        """A model with uninitialised weights, for loading: no random init of billions of weights
+        that are overwritten next."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device="cpu")
+        if cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # to_empty unties
+        return model.to(dtype)
+
+    @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32) -> "LLaMA":
         """Read a Hugging Face LlamaForCausalLM folder: config.json plus model.safetensors or the
         shards named by model.safetensors.index.json (only the tensors we need are read)."""
         folder = Path(folder)
         cfg = llama_config_from_hf(folder / "config.json")
-        with torch.device("meta"):  # no random init of billions of weights that are overwritten next
-            model = cls(cfg)
-        model.to_empty(device="cpu")
-        if cfg.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight  # to_empty unties
-        model.to(dtype)
+        model = cls.empty(cfg, dtype)
         mapping = {}
         for ours, theirs in LLAMA_HF_NAMES.items():
-            if ours == "output.weight" and cfg.tie_embeddings:
-                continue
             for i in range(cfg.n_layers) if "{i}" in ours else [None]:
                 mapping[ours.format(i=i)] = theirs.format(i=i)
+        if cfg.tie_embeddings:
+            mapping["output.weight"] = None  # the same tensor as tok_embeddings.weight
         # old Llama-2 exports carry rotary inv_freq buffers; tied exports may carry a copy of the head
         ignore = lambda k: k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
-        tensors = _load_safetensors(folder, ignore)
-        _load_mapped(model, tensors, mapping, folder)
+        wanted = {k for k in safetensors_index(folder) if not ignore(k)}
+        load_mapped(model, load_safetensors(folder, wanted), mapping, source=str(folder))
         return model
 
 
 def llama_config_from_hf(path: Path) -> LLaMAConfig:
     """LLaMAConfig from a Hugging Face config.json; refuses anything that is not a plain LLaMA."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (expected a Hugging Face LLaMA checkpoint folder)")
+        raise CheckpointError(f"{path}: not found (expected a Hugging Face LLaMA checkpoint folder)")
     hf = json.loads(path.read_text())
     arch = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: model_type {hf.get('model_type')!r}, architectures {arch} is not a LLaMA checkpoint "
             f"(expected model_type 'llama', LlamaForCausalLM)")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
@@ -291,7 +299,7 @@ def llama_config_from_hf(path: Path) -> LLaMAConfig:
     if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
         problems.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     if problems:
-        raise ValueError(f"{path}: unsupported LLaMA variant: {', '.join(problems)}")
+        raise CheckpointError(f"{path}: unsupported LLaMA variant: {', '.join(problems)}")
     return LLaMAConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
@@ -302,48 +310,272 @@ def llama_config_from_hf(path: Path) -> LLaMAConfig:
 
 
 # -----------------------------------------------------------------------------
-# reading safetensors checkpoints
+# LoRA
 
 
-def _load_safetensors(folder: Path, ignore) -> dict:
-    """All tensors of model.safetensors or its shards (model.safetensors.index.json) whose name
-    ignore(name) does not reject; files are opened lazily, so skipped tensors are never read."""
-    from safetensors import safe_open
+class LoRALinear(nn.Linear):
+    """y = x W^T + (alpha / rank) x A^T B^T (Hu et al. 2021, LoRA). B starts at zero, so training
+    starts exactly from the pretrained function; merged() folds the update into one plain Linear."""
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json found")
-    tensors = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: shard named by {index.name} is missing")
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():
-                if not ignore(key):
-                    tensors[key] = f.get_tensor(key)
-    return tensors
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, rank: int, alpha: float) -> "LoRALinear":
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, rank, alpha, linear.bias is not None, w.device, w.dtype)
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        w = self.weight
+        out = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w + self.scale * (self.lora_b @ self.lora_a))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
 
 
-@torch.no_grad()
-def _load_mapped(model: nn.Module, tensors: dict, mapping: dict, folder):
-    """Copy tensors[mapping[ours]] into each parameter `ours`; any missing, unexpected or wrongly
-    shaped tensor is an error that names it."""
-    params = dict(model.named_parameters())
-    assert set(mapping) == set(params), f"mapping does not cover {sorted(set(params) ^ set(mapping))}"
-    missing = [theirs for theirs in mapping.values() if theirs not in tensors]
-    unexpected = sorted(set(tensors) - set(mapping.values()))
-    shapes = [f"{theirs} {tuple(tensors[theirs].shape)} (expected {tuple(params[ours].shape)} for {ours})"
-              for ours, theirs in mapping.items()
-              if theirs in tensors and tensors[theirs].shape != params[ours].shape]
-    problems = [f"missing tensors: {', '.join(missing)}"] if missing else []
-    problems += [f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []
-    problems += [f"wrongly shaped tensors: {'; '.join(shapes)}"] if shapes else []
-    if problems:
-        raise ValueError(f"{folder}: checkpoint does not match the model: " + " | ".join(problems))
-    for ours, theirs in mapping.items():
-        params[ours].copy_(tensors[theirs])
+# -----------------------------------------------------------------------------
+# MiniGPT: ViT -> Q-Former -> splice into the prompt -> LLaMA
+
+
+@dataclass
+class MiniGPTConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLaMAConfig = field(default_factory=LLaMAConfig)
+    n_images: int = 4  # modalities per sample
+    fusion: str = "per-image"  # "per-image": one slot of Q tokens per image; "early": one slot for the study
+    prompt_chunks: list = field(default_factory=list)  # token ids of the prompt split at <ImageHere>: n_slots + 1 lists
+    num_bins: int = 64
+    loc_start: int = 0  # id of <loc_0>; <loc_k> = loc_start + k
+    box_end_id: int = 0
+    eos_id: int = 0
+    pad_id: int = 0
+    max_boxes: int = 1
+    lora_rank: int = 0  # 0 = off
+    lora_alpha: float = 16.0
+
+    @property
+    def n_slots(self) -> int:
+        return 1 if self.fusion == "early" else self.n_images
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MiniGPTConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown MiniGPTConfig keys: {sorted(unknown)}")
+        parts = {"vit": ViTConfig, "qformer": QFormerConfig, "llm": LLaMAConfig}
+        return cls(**{k: parts[k](**v) if k in parts else v for k, v in d.items()})
+
+
+class MiniGPT(nn.Module):
+    """MiniGPT-4 (Zhu et al. 2023) for boxes: the N modality images of a slice go through the ViT as
+    one batch, the Q-Former turns each image's tokens into Q embeddings of the LLM's width, which sit
+    in fixed slots of a fixed prompt; the LLM answers with location tokens."""
+
+    def __init__(self, cfg: MiniGPTConfig, vit: ViT | None = None, qformer: QFormer | None = None,
+                 llm: LLaMA | None = None):
+        super().__init__()
+        if cfg.fusion not in ("per-image", "early"):
+            raise ValueError(f"fusion must be 'per-image' or 'early', got {cfg.fusion!r}")
+        if len(cfg.prompt_chunks) != cfg.n_slots + 1:
+            raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
+                             f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
+        ids = [i for c in cfg.prompt_chunks for i in c] + [cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id,
+                                                            cfg.eos_id, cfg.pad_id]
+        if max(ids) >= cfg.llm.vocab_size or min(ids) < 0:
+            raise ValueError(f"token ids up to {max(ids)} do not fit the LLM's vocabulary of {cfg.llm.vocab_size}")
+        self.cfg = cfg
+        self.vit = vit or ViT(cfg.vit)
+        self.qformer = qformer or QFormer(cfg.qformer)
+        self.llm = llm or LLaMA(cfg.llm)
+        # the prompt never changes, so each image slot sits at a fixed position (static shapes)
+        self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
+        self.register_buffer("prompt_ids", torch.tensor(ids[:sum(self.chunk_sizes)], dtype=torch.long), persistent=False)
+        Q = cfg.qformer.num_query
+        self.slot_starts = [sum(self.chunk_sizes[:k + 1]) + k * Q for k in range(cfg.n_slots)]
+        self.prompt_len = sum(self.chunk_sizes) + cfg.n_slots * Q
+        answer_len = 4 * cfg.max_boxes + 2  # locs, </box>, EOS
+        if self.prompt_len + answer_len > cfg.llm.max_seq_len:
+            raise ValueError(f"prompt ({self.prompt_len}) + answer ({answer_len}) tokens exceed max_seq_len {cfg.llm.max_seq_len}")
+        if cfg.lora_rank > 0:
+            for layer in self.llm.layers:
+                layer.attn.wq = LoRALinear.wrap(layer.attn.wq, cfg.lora_rank, cfg.lora_alpha)
+                layer.attn.wv = LoRALinear.wrap(layer.attn.wv, cfg.lora_rank, cfg.lora_alpha)
+        self.frozen = dict(vit=False, qformer=False, llm=False)
+
+    # ---- building, freezing, LoRA
+
+    @classmethod
+    def build(cls, cfg: MiniGPTConfig, vision_folder=None, llm_folder=None) -> "MiniGPT":
+        """A model with pretrained parts where folders are given. The loaded parts' configs replace
+        cfg's (read the result's .cfg): from llm_folder all of cfg.llm except vocab_size (the
+        tokenizer's, whose appended tokens grow the vocabulary); from a BLIP-2 vision_folder the ViT
+        (at cfg.vit.image_size) and the Q-Former; from a CLIP/SigLIP folder the ViT only."""
+        cfg = MiniGPTConfig.from_dict(cfg.to_dict())  # a copy
+        llm = vit = qformer = None
+        if llm_folder is not None:
+            llm = LLaMA.from_pretrained(llm_folder)
+            if cfg.llm.vocab_size < llm.config.vocab_size:
+                raise ValueError(f"{llm_folder}: the tokenizer's {cfg.llm.vocab_size} tokens are fewer than the "
+                                 f"checkpoint's vocabulary of {llm.config.vocab_size}")
+            llm.resize_vocab(cfg.llm.vocab_size)
+            cfg.llm = llm.config
+        cfg.qformer.out_dim = cfg.llm.dim
+        if vision_folder is not None:
+            vit = ViT.from_pretrained(vision_folder, image_size=cfg.vit.image_size)
+            cfg.vit = vit.cfg
+            cfg.qformer.vision_width = cfg.vit.width
+            if json.loads((Path(vision_folder) / "config.json").read_text()).get("model_type") == "blip-2":
+                qformer = QFormer.from_pretrained(vision_folder, out_dim=cfg.llm.dim)
+                cfg.qformer = qformer.cfg
+        return cls(cfg, vit, qformer, llm)
+
+    def freeze(self, vit: bool = False, qformer: bool = False, llm: bool = False):
+        """Stop training parts. A frozen Q-Former keeps its output Linear `proj` trainable (MiniGPT-4
+        trains only that); a frozen LLM keeps its LoRA adapters and its embedding and head trainable,
+        because the appended location tokens start as copies of the mean row and must learn."""
+        self.frozen = dict(vit=vit, qformer=qformer, llm=llm)
+        for p in self.vit.parameters():
+            p.requires_grad_(not vit)
+        for name, p in self.qformer.named_parameters():
+            p.requires_grad_(not qformer or name.startswith("proj."))
+        for name, p in self.llm.named_parameters():
+            keep = "lora_" in name or name.startswith(("tok_embeddings.", "output."))
+            p.requires_grad_(not llm or keep)
+
+    def merge_lora(self):
+        """Fold every LoRA adapter into its weight; the model becomes a plain one (lora_rank 0)."""
+        for layer in self.llm.layers:
+            for name in ("wq", "wv"):
+                lin = getattr(layer.attn, name)
+                if isinstance(lin, LoRALinear):
+                    setattr(layer.attn, name, lin.merged())
+        self.cfg.lora_rank = 0
+
+    # ---- the sequence
+
+    def encode_images(self, images):
+        """images (B, N, 3, S, S) -> (B, n_slots, Q, dim)."""
+        B, N = images.shape[:2]
+        if N != self.cfg.n_images:
+            raise ValueError(f"got {N} images per sample, the model was built for {self.cfg.n_images}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen["vit"]):
+            tokens = self.vit(images.flatten(0, 1))  # (B*N, T, W): one pass over all modalities
+        if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images' tokens
+            tokens = tokens.reshape(B, -1, tokens.shape[-1])  # (B, N*T, W)
+        img = self.qformer(tokens)  # (B * n_slots, Q, dim)
+        return img.view(B, self.cfg.n_slots, *img.shape[1:])  # (B, n_slots, Q, dim)
+
+    def splice_images(self, img, tail=None):
+        """img (B, n_slots, Q, dim), tail (B, L, dim) or None -> (B, prompt_len [+ L], dim):
+        [text_0, img_1, text_1, ..., img_n, text_n, tail]. A torch.cat of fixed-size pieces, so the
+        slots sit at the same positions in every batch and compiled graphs see static shapes."""
+        B = img.shape[0]
+        text = self.llm.tok_embeddings(self.prompt_ids)  # (P_text, dim)
+        chunks = text.split(self.chunk_sizes)
+        pieces = [chunks[0].expand(B, -1, -1)]
+        for k in range(self.cfg.n_slots):
+            pieces += [img[:, k].to(text.dtype), chunks[k + 1].expand(B, -1, -1)]
+        if tail is not None:
+            pieces.append(tail)
+        return torch.cat(pieces, dim=1)
+
+    def forward(self, images, answer, answer_mask):
+        """images (B, N, 3, S, S), answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over
+        the answer tokens where answer_mask is True. The answer is fed shifted (teacher forcing); logits
+        are computed only at the L positions that predict answer tokens (the head is the costly part)."""
+        L = answer.shape[1]
+        x = self.splice_images(self.encode_images(images), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
+        h = self.llm(x, torch.arange(x.shape[1], device=x.device))  # (B, P+L-1, dim)
+        logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
+        targets = answer.masked_fill(~answer_mask, -100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    # ---- answering
+
+    def constrain(self, logits, t: int, done, min_boxes: int = 1):
+        """One greedy step of the box grammar: location tokens in groups of 4, `</box>` only after a
+        complete group (and at least min_boxes), at most max_boxes groups. logits (B, V), done (B,)
+        bool -> next token (B,), bin (B,) (-1 once done), done. Branches only on the step t (a Python
+        int), never on tensor values, so there is no host synchronisation per token."""
+        cfg = self.cfg
+        loc = logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins]  # (B, bins)
+        best = loc.argmax(-1)
+        if t % 4 == 0 and t // 4 >= min_boxes:  # between groups: `</box>` may end the answer
+            done = done | (logits[:, cfg.box_end_id] > loc.max(-1).values)
+        token = torch.where(done, cfg.box_end_id, cfg.loc_start + best)
+        return token, torch.where(done, -1, best), done
+
+    def decode_step(self, token, input_pos):
+        """token (B,), input_pos (1,) -> logits (B, V) of the next token, through the KV cache."""
+        h = self.llm(self.llm.tok_embeddings(token)[:, None], input_pos, use_cache=True)  # (B, 1, dim)
+        return self.llm.logits(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, images, min_boxes: int = 1):
+        """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after max_boxes
+        groups). Greedy, KV cache: one prefill of the prompt, then one cached step per token."""
+        B, n = images.shape[0], 4 * self.cfg.max_boxes
+        x = self.splice_images(self.encode_images(images))  # (B, P, dim)
+        P, device = x.shape[1], x.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        cache = self.llm.layers[0].attn.kv_cache
+        if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != P + n or cache.k.dtype != dtype:
+            self.llm.setup_cache(B, P + n, dtype, device)
+        logits = self.llm.logits(self.llm(x, torch.arange(P, device=device), use_cache=True)[:, -1])  # (B, V)
+        out = torch.full((B, n), -1, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        input_pos = torch.tensor([P], device=device)
+        for t in range(n):
+            token, bins, done = self.constrain(logits, t, done, min_boxes)
+            out[:, t] = bins
+            if t + 1 < n:
+                logits = self.decode_step(token, input_pos)
+                input_pos += 1
+        return out
+
+    # ---- checkpoints
+
+    def save_pretrained(self, folder, extra: dict | None = None):
+        """Write model.safetensors and config.json (the config, plus `extra` under "meta")."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(folder / "model.safetensors"))  # a tied head is stored once
+        config = {**self.cfg.to_dict(), "meta": extra or {}}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+    @classmethod
+    def from_checkpoint(cls, folder) -> "MiniGPT":
+        """Rebuild a model written by save_pretrained."""
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder / name}: not found (expected a folder written by save_pretrained)")
+        d = json.loads((folder / "config.json").read_text())
+        d.pop("meta", None)
+        cfg = MiniGPTConfig.from_dict(d)
+        model = cls(cfg, llm=LLaMA.empty(cfg.llm))
+        try:
+            load_model(model, str(folder / "model.safetensors"), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{folder / 'model.safetensors'}: does not match its config.json: {e}") from None
+        return model

@@ -71,7 +71,7 @@ def test_broken_mapping_fails(tmp_path, monkeypatch):
     names = dict(model_module.LLAMA_HF_NAMES)
     names["layers.{i}.attn.wq.weight"] = "model.layers.{i}.self_attn.k_proj.weight"
     monkeypatch.setattr(model_module, "LLAMA_HF_NAMES", names)
-    with pytest.raises(ValueError, match=r"wrongly shaped.*k_proj.*layers.0.attn.wq.weight"):
+    with pytest.raises(ValueError, match=r"wrongly shaped tensor: model.layers.0.self_attn.k_proj.weight \(16, 32\) -> layers.0.attn.wq.weight"):
         LLaMA.from_pretrained(tmp_path)
 
 
@@ -85,8 +85,8 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError) as e:
         LLaMA.from_pretrained(tmp_path)
-    assert "missing tensors: model.layers.1.mlp.up_proj.weight" in str(e.value)
-    assert "unexpected tensors: model.layers.0.self_attn.q_proj.bias" in str(e.value)
+    assert "missing tensor: model.layers.1.mlp.up_proj.weight" in str(e.value)
+    assert "unexpected tensor: model.layers.0.self_attn.q_proj.bias" in str(e.value)
 
 
 def test_wrong_architecture_is_refused(tmp_path):
@@ -136,3 +136,255 @@ def test_resize_vocab_mean_rows(tied):
     assert llm.logits(h).shape == (1, 3, 70)
     with pytest.raises(ValueError, match="cannot shrink"):
         llm.resize_vocab(10)
+
+
+# ---- the whole model
+
+from model import LoRALinear, MiniGPT, MiniGPTConfig  # noqa: E402
+from vision import QFormerConfig, ViTConfig  # noqa: E402
+
+BOS, BOX, BOX_END, EOS, PAD, LOC0, BINS = 1, 57, 56, 2, 0, 40, 16
+
+
+def tiny_cfg(n_images=3, fusion="per-image", max_boxes=2, **kw):
+    n_slots = 1 if fusion == "early" else n_images
+    # <Img1><ImageHere></Img1>... where is the tumor? <box>, as fake ids: chunk 0 starts with BOS, the last ends with <box>
+    chunks = [[BOS, 5, 6]] + [[7 + k, 8 + k] for k in range(n_slots - 1)] + [[20, 21, 22, BOX]]
+    return MiniGPTConfig(
+        vit=ViTConfig(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64),
+        qformer=QFormerConfig(num_query=3, width=32, depth=2, heads=2, mlp_dim=64, cross_every=1, vision_width=32,
+                              out_dim=32),
+        llm=LLaMAConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64),
+        n_images=n_images, fusion=fusion, prompt_chunks=chunks, num_bins=BINS, loc_start=LOC0, box_end_id=BOX_END,
+        eos_id=EOS, pad_id=PAD, max_boxes=max_boxes, **kw)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MiniGPT(tiny_cfg(**kw)).eval()
+
+
+def batch(B=2, N=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, N, 3, 16, 16, generator=g)
+    # one box for sample 0, two for sample 1; padded to 4 * max_boxes + 2
+    answer = torch.tensor([[LOC0 + 1, LOC0 + 2, LOC0 + 9, LOC0 + 11, BOX_END, EOS, PAD, PAD, PAD, PAD],
+                           [LOC0 + 3, LOC0 + 0, LOC0 + 7, LOC0 + 5, LOC0 + 8, LOC0 + 8, LOC0 + 15, LOC0 + 12, BOX_END, EOS]])
+    return images[:B], answer[:B], answer[:B] != PAD
+
+
+@pytest.mark.parametrize("fusion", ["per-image", "early"])
+def test_image_embeddings_land_in_their_slots(fusion):
+    m = tiny_model(fusion=fusion)
+    images, answer, _ = batch()
+    cfg, Q = m.cfg, 3
+    with torch.no_grad():
+        img = m.encode_images(images)  # (B, n_slots, Q, dim)
+        assert img.shape == (2, cfg.n_slots, Q, 32)
+        # one batched ViT pass gives what each image alone gives
+        vit = [m.vit(images[:, k]) for k in range(3)]
+        expect = [m.qformer(v) for v in vit] if fusion == "per-image" else [m.qformer(torch.cat(vit, 1))]
+        for k, e in enumerate(expect):
+            assert torch.allclose(img[:, k], e, atol=1e-5)
+        tail = m.llm.tok_embeddings(answer)
+        x = m.splice_images(img, tail)
+    assert x.shape == (2, m.prompt_len + answer.shape[1], 32)
+    # walk the expected layout [text_0, img_1, text_1, ..., img_n, text_n, answer]
+    pos, emb = 0, m.llm.tok_embeddings.weight
+    for k, chunk in enumerate(cfg.prompt_chunks):
+        assert torch.equal(x[:, pos:pos + len(chunk)], emb[chunk].expand(2, -1, -1))
+        pos += len(chunk)
+        if k < cfg.n_slots:
+            assert pos == m.slot_starts[k]
+            assert torch.equal(x[:, pos:pos + Q], img[:, k])
+            pos += Q
+    assert pos == m.prompt_len
+    assert torch.equal(x[:, pos:], tail)
+
+
+def test_loss_is_cross_entropy_on_answer_tokens_only():
+    m = tiny_model()
+    images, answer, mask = batch()
+    with torch.no_grad():
+        loss = m(images, answer, mask)
+        # hand: full logits over the whole sequence, position P-1+j predicts answer[:, j]
+        x = m.splice_images(m.encode_images(images), m.llm.tok_embeddings(answer))
+        logp = m.llm.logits(m.llm(x, torch.arange(x.shape[1]))).log_softmax(-1)
+        P = m.prompt_len
+        terms = [-logp[b, P - 1 + j, answer[b, j]] for b in range(2) for j in range(answer.shape[1]) if mask[b, j]]
+        assert len(terms) == 6 + 10
+        assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+        # padding tokens (mask False) may be anything
+        junk = answer.masked_fill(~mask, 33)
+        assert torch.equal(m(images, junk, mask), loss)
+        # masking an answer token removes exactly its term
+        mask2 = mask.clone()
+        mask2[1, 9] = False
+        assert torch.allclose(m(images, answer, mask2), torch.stack(terms[:-1]).mean(), atol=1e-5)
+
+
+def test_loss_reaches_every_trainable_part():
+    m = tiny_model().train()
+    m(*batch()).backward()
+    for name in ("vit.patch_embed.weight", "qformer.query", "qformer.proj.weight", "llm.layers.0.attn.wq.weight",
+                 "llm.tok_embeddings.weight"):
+        assert m.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_freeze_flags():
+    m = tiny_model(lora_rank=2)
+    m.freeze(vit=True, qformer=True, llm=True)
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"qformer.proj.weight", "qformer.proj.bias", "llm.tok_embeddings.weight",
+                       "llm.output.weight"} | {f"llm.layers.{i}.attn.{w}.lora_{ab}" for i in range(2)
+                                               for w in ("wq", "wv") for ab in "ab"}
+    m.train()
+    m(*batch()).backward()
+    assert all(p.grad is None for p in m.vit.parameters())
+    assert m.llm.layers[0].attn.wq.lora_a.grad is not None
+
+
+def naive_generate(m, images, min_boxes=1):
+    """The same greedy grammar, recomputing the whole sequence at every step (no cache)."""
+    B, n = images.shape[0], 4 * m.cfg.max_boxes
+    img = m.encode_images(images)
+    tokens, out, done = [], [], torch.zeros(B, dtype=torch.bool)
+    for t in range(n):
+        tail = m.llm.tok_embeddings(torch.stack(tokens, 1)) if tokens else None
+        x = m.splice_images(img, tail)
+        logits = m.llm.logits(m.llm(x, torch.arange(x.shape[1]))[:, -1])
+        token, bins, done = m.constrain(logits, t, done, min_boxes)
+        tokens.append(token)
+        out.append(bins)
+    return torch.stack(out, 1)
+
+
+def parses(row, max_boxes, min_boxes=1):
+    """A valid answer: k complete groups of 4 bins (min_boxes <= k <= max_boxes), then only -1."""
+    row = row.tolist()
+    k = sum(b >= 0 for b in row)
+    return (k % 4 == 0 and min_boxes <= k // 4 <= max_boxes and all(0 <= b < BINS for b in row[:k])
+            and all(b == -1 for b in row[k:]))
+
+
+def end_favoured(m, shift):
+    """Make </box> compete with the location tokens: its head row is a loc row plus `shift`."""
+    with torch.no_grad():
+        m.llm.output.weight[BOX_END] = m.llm.output.weight[LOC0 + 3] + shift
+
+
+@pytest.mark.parametrize("fusion", ["per-image", "early"])
+def test_generate_with_cache_equals_recomputation_and_parses(fusion):
+    m = tiny_model(fusion=fusion, max_boxes=3)
+    with torch.no_grad():  # away from the near-constant init, so answers differ between samples
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    end_favoured(m, torch.randn(32, generator=torch.Generator().manual_seed(1)))
+    images = torch.randn(8, 3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = m.generate(images)
+    assert out.shape == (8, 12) and out.dtype == torch.long
+    with torch.no_grad():
+        assert torch.equal(out, naive_generate(m, images))
+    assert all(parses(r, 3) for r in out)
+    # the case is not trivial: answers of several lengths, different boxes
+    assert len({int((r >= 0).sum()) for r in out}) > 1 and len({tuple(r.tolist()) for r in out}) > 4
+    # a second call reuses the cache with another batch size
+    assert torch.equal(m.generate(images[:3]), out[:3])
+
+
+def test_generate_grammar_limits():
+    m = tiny_model(max_boxes=2)
+    images = batch()[0]
+
+    def end_bias(b):  # shift the </box> logit by b everywhere
+        m.llm.logits = lambda h: LLaMA.logits(m.llm, h) + b * F.one_hot(torch.tensor(BOX_END), 61)
+
+    end_bias(-1e4)  # </box> never wins: max_boxes groups, then the forced end
+    out = m.generate(images)
+    assert (out >= 0).all() and all(parses(r, 2) for r in out)
+    end_bias(1e4)  # </box> always wins where allowed: after the first group, or at once with min_boxes=0
+    assert (m.generate(images)[:, :4] >= 0).all() and (m.generate(images)[:, 4:] == -1).all()
+    assert (m.generate(images, min_boxes=0) == -1).all()
+
+
+def test_lora_merged_equals_unmerged():
+    m = tiny_model(lora_rank=4, lora_alpha=8.0)
+    wv = m.llm.layers[1].attn.wv
+    assert isinstance(wv, LoRALinear) and isinstance(m.llm.layers[1].attn.wq, LoRALinear)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        wv.lora_b.normal_()
+        assert torch.allclose(wv(x), x @ wv.weight.T + 8.0 / 4 * (x @ wv.lora_a.T @ wv.lora_b.T), atol=1e-5)
+    images, answer, mask = batch()
+    with torch.no_grad():
+        base = m(images, answer, mask)
+        for name, p in m.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+        unmerged = m(images, answer, mask)
+        assert (unmerged - base).abs() > 1e-3  # the adapters do something
+        gen = m.generate(images)
+        m.merge_lora()
+        assert not any("lora_" in n for n, _ in m.named_parameters()) and m.cfg.lora_rank == 0
+        assert torch.allclose(m(images, answer, mask), unmerged, rtol=1e-5)
+        assert torch.equal(m.generate(images), gen)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=2, fusion="early"), dict(tie=True)])
+def test_save_load_round_trip(tmp_path, kw):
+    tie = kw.pop("tie", False)
+    cfg = tiny_cfg(**kw)
+    cfg.llm.tie_embeddings = tie
+    torch.manual_seed(0)
+    m = MiniGPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # lora_b too, so it is not all zeros
+    m.save_pretrained(tmp_path, extra={"modalities": ["a", "b", "c"]})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["meta"] == {"modalities": ["a", "b", "c"]}
+    r = MiniGPT.from_checkpoint(tmp_path).eval()
+    assert r.cfg == m.cfg
+    assert (r.llm.output.weight is r.llm.tok_embeddings.weight) == tie
+    images, answer, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(r(images, answer, mask), m(images, answer, mask))
+    assert torch.equal(r.generate(images), m.generate(images))
+
+
+def test_config_json_round_trip():
+    cfg = tiny_cfg(fusion="early", lora_rank=3)
+    again = MiniGPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.vit, ViTConfig) and isinstance(again.llm, LLaMAConfig)
+    with pytest.raises(ValueError, match="unknown MiniGPTConfig keys: \\['colour'\\]"):
+        MiniGPTConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_user_errors():
+    cfg = tiny_cfg()
+    cfg.prompt_chunks = cfg.prompt_chunks[:-1]
+    with pytest.raises(ValueError, match="prompt_chunks has 3 chunks; 3 image slot"):
+        MiniGPT(cfg)
+    m = tiny_model()
+    with pytest.raises(ValueError, match="got 2 images per sample, the model was built for 3"):
+        m.encode_images(torch.zeros(1, 2, 3, 16, 16))
+    cfg = tiny_cfg()
+    cfg.llm.vocab_size = 50
+    with pytest.raises(ValueError, match="do not fit the LLM's vocabulary of 50"):
+        MiniGPT(cfg)
+
+
+def test_build_with_pretrained_llm(tmp_path):
+    hf = hf_llama(tmp_path, tied=True)
+    cfg = tiny_cfg()
+    cfg.llm = LLaMAConfig(vocab_size=100)  # the tokenizer's size; the rest comes from the checkpoint
+    m = MiniGPT.build(cfg, llm_folder=tmp_path).eval()
+    assert m.cfg.llm.vocab_size == 100 and m.cfg.llm.dim == 32 and m.cfg.llm.n_kv_heads == 2
+    assert m.cfg.qformer.out_dim == 32 and m.llm.output.weight is m.llm.tok_embeddings.weight
+    ids = torch.arange(9)[None] * 3
+    with torch.no_grad():
+        assert rel_err(our_logits(m.llm, ids)[..., :97], hf(ids).logits) <= 1e-4
+    assert m.generate(batch()[0]).shape == (2, 8)
+    cfg.llm = LLaMAConfig(vocab_size=90)
+    with pytest.raises(ValueError, match="fewer than the checkpoint's vocabulary of 97"):
+        MiniGPT.build(cfg, llm_folder=tmp_path)
