@@ -1,0 +1,137 @@
+"""Tests of the BraTS converter in data.py: the NIfTI-1 reader on files written here, the converter on a
+tiny synthetic study, and (when ../shared/data is present) on real BraTS cases."""
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+DT = {np.dtype("int16"): 4, np.dtype("uint8"): 2, np.dtype("float32"): 16, np.dtype("float64"): 64,
+      np.dtype("int32"): 8, np.dtype("uint16"): 512}
+
+
+def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0.0, form="sform", endian="<"):
+    """A minimal single-file NIfTI-1 (gzip): `stored` is the on-disk array (x fastest), `rot` maps its
+    voxel axes to RAS world directions."""
+    h = bytearray(352)
+    e = endian
+    struct.pack_into(e + "i", h, 0, 348)
+    struct.pack_into(e + "8h", h, 40, 3, *stored.shape, 1, 1, 1, 1)
+    struct.pack_into(e + "2h", h, 70, DT[stored.dtype], stored.dtype.itemsize * 8)
+    struct.pack_into(e + "8f", h, 76, 1, 1, 1, 1, 0, 0, 0, 0)
+    struct.pack_into(e + "f", h, 108, 352)
+    struct.pack_into(e + "2f", h, 112, slope, inter)
+    if form == "sform":
+        struct.pack_into(e + "2h", h, 252, 0, 1)
+        struct.pack_into(e + "12f", h, 280, *np.concatenate([rot, np.zeros((3, 1))], 1).ravel())
+    else:  # qform: rotation as a quaternion (only the identity and 180 deg about z used here)
+        struct.pack_into(e + "2h", h, 252, 1, 0)
+        b, c, d = (0, 0, 1) if np.allclose(rot, np.diag([-1, -1, 1])) else (0, 0, 0)
+        struct.pack_into(e + "3f", h, 256, b, c, d)
+    h[344:348] = b"n+1\0"
+    body = stored.astype(stored.dtype.newbyteorder(e)).tobytes(order="F")
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(h) + body)
+
+
+def ras_volume(shape=(6, 5, 4)):
+    return np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
+
+
+@pytest.mark.parametrize("form", ["sform", "qform"])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_read_nifti_orients_to_ras(tmp_path, form, endian):
+    ras = ras_volume()
+    write_nifti(tmp_path / "v.nii.gz", ras[::-1, ::-1, :].copy(), form=form, endian=endian)  # stored as BraTS: L, P, S
+    got = data.read_nifti(tmp_path / "v.nii.gz")
+    assert got.dtype == np.float32 and np.array_equal(got, ras)
+
+
+def test_read_nifti_permuted_axes(tmp_path):
+    ras = ras_volume()
+    stored = ras.transpose(2, 0, 1)[::-1].copy()  # voxel axes: (inferior, right, anterior)
+    rot = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)  # column i: world direction of voxel axis i
+    write_nifti(tmp_path / "v.nii.gz", stored, rot=rot)
+    assert np.array_equal(data.read_nifti(tmp_path / "v.nii.gz"), ras)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "int32", "uint16"])
+def test_read_nifti_dtypes_and_scaling(tmp_path, dtype):
+    stored = (ras_volume() % 50).astype(dtype)
+    write_nifti(tmp_path / "v.nii.gz", stored, rot=np.eye(3), slope=2.0, inter=-3.0)
+    assert np.allclose(data.read_nifti(tmp_path / "v.nii.gz"), stored.astype(np.float64) * 2 - 3)
+
+
+def test_read_nifti_rejects_non_nifti(tmp_path):
+    with gzip.open(tmp_path / "x.nii.gz", "wb") as f:
+        f.write(b"\0" * 400)
+    with pytest.raises(data.DataError, match=r"x\.nii\.gz: not a single-file NIfTI-1"):
+        data.read_nifti(tmp_path / "x.nii.gz")
+
+
+def make_case(root, name, mods=("t2f", "t1c"), seg=True, shape=(24, 20, 6)):
+    """A small study in RAS: brain = a box of noise; tumour in the front-right, bright on every modality."""
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(len(name))
+    brain = np.zeros(shape, bool)
+    brain[2:-2, 2:-2, :] = True
+    tumour = np.zeros(shape, bool)
+    tumour[18:22, 12:16, 1:5] = True  # x 18..21 is the patient's right, y 12..15 is anterior half
+    for m in mods:
+        v = np.where(brain, rng.normal(100, 5, shape), 0) + 200 * tumour
+        write_nifti(d / f"{name}-{m}.nii.gz", v.astype(np.float32)[::-1, ::-1].copy())
+    if seg:
+        write_nifti(d / f"{name}-seg.nii.gz", (2 * tumour).astype(np.uint8)[::-1, ::-1].copy())
+
+
+def test_convert_brats_synthetic(tmp_path):
+    src = tmp_path / "src"
+    for k in range(4):
+        make_case(src, f"BraTS-TEST-0000{k}-000")
+    make_case(src, "BraTS-TEST-00009-000", seg=False)
+    messages = []
+    counts = data.convert_brats(src, tmp_path / "out", ("axial", "sagittal"), min_tumor_px=10, val_fraction=0.25, log=messages.append)
+    assert counts == {"axial": 4 * 4, "sagittal": 4 * 4}
+    assert any("BraTS-TEST-00009-000: no BraTS-TEST-00009-000-seg.nii.gz" in m and "skipped" in m for m in messages)
+    mods, samples = data.read_summary(tmp_path / "out" / "axial" / "summary.jsonl")
+    assert mods == ["t2f Axial", "t1c Axial"]
+    s = samples[0]
+    assert s.paths[0].endswith("images/BraTS-TEST-00000-000_0-001_0.jpg") and s.case == "BraTS-TEST-00000-000"
+    # axial image (Y=20 rows, X=24 cols), radiological: anterior at the top, patient's right on the left
+    assert s.size == (24, 20) and s.boxes == [[24 - 22, 20 - 16, 24 - 18, 20 - 12]]
+    img = np.asarray(Image.open(s.paths[1]))
+    assert img[5:7, 3:5].mean() > 200 and img[12:18, 10:20].mean() < 200  # the bright tumour is where the box is
+    assert img[0].max() < 20  # outside the brain is black
+    _, sag = data.read_summary(tmp_path / "out" / "sagittal" / "summary.jsonl")
+    assert sag[0].size == (20, 6) and sag[0].boxes == [[20 - 16, 6 - 5, 20 - 12, 6 - 1]]  # face left, top up
+    train = (tmp_path / "out" / "axial" / "train.jsonl").read_text().splitlines()
+    val = (tmp_path / "out" / "axial" / "val.jsonl").read_text().splitlines()
+    case = lambda line: data.case_id(next(iter(json.loads(line).values())))
+    assert len(train) == 12 and len(val) == 4 and not {case(r) for r in train} & {case(r) for r in val}
+
+
+def test_convert_brats_real(shared_data, tmp_path):
+    """One real case from each folder, plus the case without labels (linked, not copied)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for rel in ("brats2015-expert/BraTS2015-pat0001_1", "brats-format/BraTS-GLI-00001-000"):
+        (src / rel.split("/")[1]).symlink_to(shared_data / rel)
+    messages = []
+    counts = data.convert_brats(src, tmp_path / "out", ("axial",), min_tumor_px=100, log=messages.append)
+    assert any("BraTS-GLI-00001-000: no" in m for m in messages)
+    assert counts["axial"] > 30
+    mods, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
+    assert mods == ["t2f Axial", "t1c Axial"] and {s.size for s in samples} == {(240, 240)}
+    for s in samples:  # whole-tumour boxes are inside the brain and the tumour is bright on FLAIR
+        (x0, y0, x1, y1), = s.boxes
+        flair = np.asarray(Image.open(s.paths[0]), np.float32)
+        assert flair[int(y0):int(y1), int(x0):int(x1)].mean() > flair[flair > 0].mean()
+    # anatomically upright: the brain's top row (front) is narrower than its widest row, in the middle slice
+    mid = np.asarray(Image.open(samples[len(samples) // 2].paths[0])) > 0
+    rows = np.nonzero(mid.any(1))[0]
+    assert mid[rows[0] + 5].sum() < mid.sum(1).max()
