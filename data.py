@@ -220,7 +220,7 @@ def _tokenizer_corpus():
              "is are this these there where which what patient case scan modality").split()
     lines = []
     for q in questions:
-        lines += [q, f"###Human: {q} ###Assistant: ", f"[INST] {q} [/INST] ", f"<Img1><ImageHere></Img1> {q} <box>"]
+        lines += [q, f"###Human: {q} ###Assistant: ", f"[INST] {q} [/INST] ", f"</Img1> {q} <box>"]
     for i in range(len(words)):  # deterministic word salad so every word also appears in context
         lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)))
     lines += [" ".join(str((i * 37 + k) % 1000) for k in range(10)) for i in range(20)]
