@@ -233,16 +233,18 @@ class LLaMA(nn.Module):
         self.output.out_features = n
         self.config.vocab_size = n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs per token: 2 per multiply-add of every matmul (head included), plus attention
-        scores and values over an average causal context of seq_len / 2 (counted as in PaLM's appendix
-        but causal). Training (forward + backward) is 3x this."""
-        cfg = self.config
-        hd = cfg.head_dim
-        per_layer = 2 * cfg.dim * (cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd + cfg.n_heads * hd)
-        per_layer += 2 * 3 * cfg.dim * cfg.hidden_dim
-        per_layer += 2 * 2 * cfg.n_heads * hd * (seq_len / 2)  # q @ k^T and att @ v
-        return int(cfg.n_layers * per_layer + 2 * cfg.dim * cfg.vocab_size)
+    def flops(self, seq_len: int, head_positions: int) -> int:
+        """Forward FLOPs of one sequence: 2 per multiply-add of every matmul, the head only at
+        head_positions, plus attention_flops."""
+        cfg, T = self.config, seq_len
+        qkvo = 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+        weights = cfg.n_layers * (2 * T * cfg.dim * qkvo + 2 * T * 3 * cfg.dim * cfg.hidden_dim)
+        return weights + 2 * head_positions * cfg.dim * cfg.vocab_size + self.attention_flops(T)
+
+    def attention_flops(self, seq_len: int) -> int:
+        """Scores and weighted values over the full T x T square, as nanoGPT, PaLM and torch's
+        FlopCounterMode count them (a causal kernel skips about half)."""
+        return self.config.n_layers * 4 * seq_len ** 2 * self.config.n_heads * self.config.head_dim
 
     @classmethod
     def empty(cls, cfg: LLaMAConfig, dtype=torch.float32) -> "LLaMA":
@@ -505,6 +507,40 @@ class MiniGPT(nn.Module):
         logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
         targets = answer.masked_fill(~answer_mask, -100)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def flops_per_sample(self, train: bool = True) -> int:
+        """FLOPs of one training sample (forward + backward; forward only with train=False), counted by
+        hand for MFU: every matmul at 2 FLOPs per multiply-add, attention over the full square (see
+        LLaMA.attention_flops), elementwise work not. A matmul's backward costs one forward per operand
+        that needs a gradient: 2x for trained weights on a gradient path, 1x for frozen weights that
+        gradients pass through or trained weights on inputs that need none (the patch embedding), 0 in
+        a frozen part nothing before trains (no autograd there). The LLM's head and the Q-Former's
+        proj always train (see freeze). Equal to torch's FlopCounterMode (tests), except for LoRA
+        adapters (small) and a frozen Q-Former after a trained ViT (not a setup we use)."""
+        c, v, q = self.cfg, self.cfg.vit, self.cfg.qformer
+        N, T = c.n_images, v.grid ** 2 + int(v.class_token)
+        patch = N * 2 * v.grid ** 2 * v.channels * v.patch_size ** 2 * v.width
+        vit = N * v.depth * (2 * T * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * T * T * v.width)
+        passes, Tk = (1, N * T) if c.fusion == "early" else (N, T)  # Q-Former passes, image tokens each reads
+        Q, w = q.num_query, q.width
+        n_cross = len(range(0, q.depth, q.cross_every))
+        qformer = passes * (q.depth * (2 * Q * (4 * w * w + 2 * w * q.mlp_dim) + 4 * Q * Q * w)
+                            + n_cross * (2 * Q * 2 * w * w + 4 * Q * Tk * w))
+        kv = passes * n_cross * 2 * Tk * 2 * q.vision_width * w  # cross-attention keys and values of the image tokens
+        proj = passes * 2 * Q * w * q.out_dim
+        L = 4 * c.max_boxes + 2
+        S = self.prompt_len + L - 1
+        head = self.llm.flops(0, L)
+        attn = self.llm.attention_flops(S)
+        body = self.llm.flops(S, 0) - attn
+        if not train:
+            return patch + vit + qformer + kv + proj + body + attn + head
+        fv, fq, fl = self.frozen["vit"], self.frozen["qformer"], self.frozen["llm"]
+        grads = lambda weights, inputs: 1 + int(weights) + int(inputs)  # forward + backward matmuls
+        return (patch * (1 + int(not fv)) + vit * grads(not fv, not fv)
+                + qformer * (grads(True, True) if not fq else grads(False, True) if not fv else 1)
+                + kv * grads(not fq, not fv)
+                + proj * grads(True, not (fq and fv)) + body * grads(not fl, True) + attn * 3 + head * 3)
 
     # ---- answering
 

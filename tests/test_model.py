@@ -388,3 +388,31 @@ def test_build_with_pretrained_llm(tmp_path):
     cfg.llm = LLaMAConfig(vocab_size=90)
     with pytest.raises(ValueError, match="fewer than the checkpoint's vocabulary of 97"):
         MiniGPT.build(cfg, llm_folder=tmp_path)
+
+
+def math_sdpa(q, k, v, attn_mask=None, is_causal=False):
+    """SDPA as explicit matmuls, so FlopCounterMode counts attention on every backend."""
+    att = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    return att.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fusion", ["per-image", "early"])
+@pytest.mark.parametrize("frozen", [(), ("vit", "qformer"), ("vit", "qformer", "llm"), ("vit",), ("llm",)])
+def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
+    m = tiny_model(fusion=fusion).train()
+    m.freeze(**{k: True for k in frozen})
+    counter = FlopCounterMode(display=False)
+    with counter:
+        m(*batch(B=1)).backward()
+    assert m.flops_per_sample() == counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        m(*batch(B=1))
+    assert m.flops_per_sample(train=False) == counter.get_total_flops()
