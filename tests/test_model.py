@@ -416,3 +416,34 @@ def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
     with counter:
         m(*batch(B=1))
     assert m.flops_per_sample(train=False) == counter.get_total_flops()
+
+
+def test_build_with_pretrained_blip2_and_llama(tmp_path):
+    """MiniGPT-4's own setup: BLIP-2's ViT and Q-Former (its projection fits the LLM width) and a LLaMA."""
+    transformers = pytest.importorskip("transformers")
+    hf_llama(tmp_path / "llm", tied=False)
+    torch.manual_seed(0)
+    blip = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            cross_attention_frequency=1, encoder_hidden_size=24, vocab_size=50, max_position_embeddings=16),
+        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                         vocab_size=50, word_embed_proj_dim=32, max_position_embeddings=64),
+        num_query_tokens=3)).eval()
+    with torch.no_grad():
+        for p in blip.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    blip.save_pretrained(tmp_path / "blip2")
+    cfg = tiny_cfg()
+    cfg.llm = LLaMAConfig(vocab_size=100)
+    m = MiniGPT.build(cfg, vision_folder=tmp_path / "blip2", llm_folder=tmp_path / "llm").eval()
+    assert (m.cfg.vit.width, m.cfg.qformer.width, m.cfg.qformer.vision_width, m.cfg.qformer.out_dim) == (24, 16, 24, 32)
+    images = batch()[0]
+    with torch.no_grad():
+        ours = m.encode_images(images)  # (2, 3, 3, 32)
+        ref = blip.get_image_features(pixel_values=images.flatten(0, 1)).pooler_output.view(2, 3, 3, 32)
+    assert rel_err(ours, ref) <= 1e-4
+    m.save_pretrained(tmp_path / "ckpt")
+    r = MiniGPT.from_checkpoint(tmp_path / "ckpt").eval()
+    assert torch.equal(r.generate(images), m.generate(images))
