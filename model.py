@@ -397,8 +397,8 @@ class MiniGPT(nn.Module):
         if len(cfg.prompt_chunks) != cfg.n_slots + 1:
             raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
                              f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
-        ids = [i for c in cfg.prompt_chunks for i in c] + [cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id,
-                                                            cfg.eos_id, cfg.pad_id]
+        prompt = [i for c in cfg.prompt_chunks for i in c]
+        ids = prompt + [cfg.loc_start, cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id, cfg.eos_id, cfg.pad_id]
         if max(ids) >= cfg.llm.vocab_size or min(ids) < 0:
             raise ValueError(f"token ids up to {max(ids)} do not fit the LLM's vocabulary of {cfg.llm.vocab_size}")
         self.cfg = cfg
@@ -407,7 +407,7 @@ class MiniGPT(nn.Module):
         self.llm = llm or LLaMA(cfg.llm)
         # the prompt never changes, so each image slot sits at a fixed position (static shapes)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
-        self.register_buffer("prompt_ids", torch.tensor(ids[:sum(self.chunk_sizes)], dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
         Q = cfg.qformer.num_query
         self.slot_starts = [sum(self.chunk_sizes[:k + 1]) + k * Q for k in range(cfg.n_slots)]
         self.prompt_len = sum(self.chunk_sizes) + cfg.n_slots * Q
@@ -476,8 +476,10 @@ class MiniGPT(nn.Module):
         B, N = images.shape[:2]
         if N != self.cfg.n_images:
             raise ValueError(f"got {N} images per sample, the model was built for {self.cfg.n_images}")
+        # a frozen tower runs without autograd, and may be held in bf16: inputs follow its dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen["vit"]):
-            tokens = self.vit(images.flatten(0, 1))  # (B*N, T, W): one pass over all modalities
+            tokens = self.vit(images.flatten(0, 1).to(self.vit.pos_embed.dtype))  # (B*N, T, W): all modalities at once
+        tokens = tokens.to(self.qformer.query.dtype)
         if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images' tokens
             tokens = tokens.reshape(B, -1, tokens.shape[-1])  # (B, N*T, W)
         img = self.qformer(tokens)  # (B * n_slots, Q, dim)
