@@ -3,7 +3,7 @@ Everything between files on disk and tensors: summary.jsonl, images, boxes, the 
 text, the tokenizer, batches, a synthetic demo dataset and a BraTS NIfTI converter.
 
 Read top to bottom: the data contract (read_summary), images, boxes as location bins, the tokenizer,
-prompt and answer ids, the Dataset, the patient split, then the two dataset makers and the command line:
+prompt and answer ids, batches and augmentation, the patient split, then the two dataset makers and the command line:
 
     python data.py demo OUT_DIR [--cases K] [--seed S]
     python data.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--min-tumor-px N]
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # Normalisation of the CLIP / BLIP-2 (EVA) vision encoders.
@@ -103,6 +104,15 @@ def read_summary(path, box_format="corners", require_boxes=True, check_images=Tr
     if not samples:
         raise DataError(f"{path}: empty file (no JSON rows)")
     return modalities, samples
+
+
+def sample_from_images(paths):
+    """The images of one study given on a command line -> a Sample without boxes (errors name the file)."""
+    paths = [Path(p).resolve() for p in paths]
+    sizes = [_image_size(p, str(p), "image", True) for p in paths]
+    if len(set(sizes)) > 1:
+        raise DataError("images of one study must have one size, got " + ", ".join(f"{p.name} {w}x{h}" for p, (w, h) in zip(paths, sizes)))
+    return Sample([str(p) for p in paths], [], sizes[0], 0, {}, case_id(paths[0]))
 
 
 def _image_size(p, where, key, decode):
@@ -198,6 +208,14 @@ def box_iou(a, b):
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def score_boxes(preds, samples):
+    """One predicted box (or None) per sample, each scored against its best-matching true box ->
+    mean IoU and accuracy at IoU >= 0.5 and >= 0.75."""
+    ious = [max(box_iou(p, t) for t in s.boxes) if p is not None else 0.0 for p, s in zip(preds, samples)]
+    n = max(len(ious), 1)
+    return dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n)
 
 
 # -----------------------------------------------------------------------------
@@ -362,46 +380,71 @@ def parse_answer(tokenizer, ids):
 # -----------------------------------------------------------------------------
 # batches
 
-class BoxDataset(torch.utils.data.Dataset):
-    """Samples -> fixed-shape items, so default_collate stacks them and the model sees static shapes:
-    images (N, 3, S, S), answer (L,) padded with pad_id to L = 4 * max_boxes + 2, answer_mask (L,) True on
-    the real answer tokens (locations, </box>, EOS), index. Boxes are ordered largest first and a row with
-    more than max_boxes keeps the largest max_boxes.
-    augment: optional callable (images (N, 3, S, S), boxes in pixels of S) -> (images, boxes), e.g. random_hflip.
-    """
-
-    def __init__(self, samples, tokenizer, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD, augment=None):
-        self.samples, self.tok, self.size, self.max_boxes = samples, tokenizer, image_size, max_boxes
-        self.mean, self.std, self.augment = mean, std, augment
-        self.length = 4 * max_boxes + 2
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        s = self.samples[index]
-        images = load_images(s, self.size, self.mean, self.std)  # (N, 3, S, S)
-        boxes = sorted(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)[: self.max_boxes]
+def load_tensors(samples, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD):
+    """Read every image once -> images (M, N, 3, S, S) float16 (half the memory; exact enough for pixels
+    normalised to a few units), boxes (M, K, 4) normalised [x0, y0, x1, y1] with K = max_boxes, largest
+    first (a row with more boxes keeps the largest), and nbox (M,) the real boxes per row. A batch is then
+    an index into these tensors, and its answer tokens are made by answer_tokens after augmentation."""
+    images = torch.stack([load_images(s, image_size, mean, std).half() for s in samples])
+    boxes = torch.zeros(len(samples), max_boxes, 4)
+    nbox = torch.zeros(len(samples), dtype=torch.long)
+    for i, s in enumerate(samples):
+        kept = sorted(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)[:max_boxes]
         W, H = s.size
-        if self.augment is not None:
-            S = self.size
-            boxes = [[b[0] * S / W, b[1] * S / H, b[2] * S / W, b[3] * S / H] for b in boxes]
-            images, boxes = self.augment(images, boxes)
-            W = H = S
-        ids = answer_ids(self.tok, [box_to_bins(b, W, H, self.tok.num_bins) for b in boxes])
-        answer = torch.full((self.length,), self.tok.pad_id, dtype=torch.long)
-        answer[: len(ids)] = torch.tensor(ids)
-        mask = torch.zeros(self.length, dtype=torch.bool)
-        mask[: len(ids)] = True
-        return {"images": images, "answer": answer, "answer_mask": mask, "index": index}
+        for j, (x0, y0, x1, y1) in enumerate(kept):
+            boxes[i, j] = torch.tensor([x0 / W, y0 / H, x1 / W, y1 / H])
+        nbox[i] = len(kept)
+    return images, boxes, nbox
 
 
-def random_hflip(images, boxes, p=0.5):
-    """Mirror left-right with probability p (a tumour is as likely in either hemisphere)."""
-    if torch.rand(()) >= p:
-        return images, boxes
-    S = images.shape[-1]
-    return images.flip(-1), [[S - b[2], b[1], S - b[0], b[3]] for b in boxes]
+def answer_tokens(boxes, nbox, num_bins, loc_start, box_end_id, eos_id, pad_id):
+    """The batched, on-device answer_ids: boxes (B, K, 4) normalised, nbox (B,) ->
+    answer (B, 4K + 2) = locations of the first nbox boxes, </box>, EOS, then pad_id; and answer_mask
+    (B, 4K + 2), True on the real answer tokens. Fixed shapes, so the model sees one graph."""
+    B, K, _ = boxes.shape
+    bins = (boxes * num_bins).floor().clamp(0, num_bins - 1).long()
+    j = torch.arange(4 * K + 2, device=boxes.device).expand(B, -1)        # (B, L) position in the answer
+    n = 4 * nbox.view(B, 1)                                               # where </box> goes
+    locs = torch.cat([loc_start + bins.view(B, 4 * K), torch.zeros_like(j[:, :2])], 1)
+    answer = torch.where(j < n, locs, torch.where(j == n, box_end_id, torch.where(j == n + 1, eos_id, pad_id)))
+    return answer, j <= n + 1
+
+
+@dataclass
+class Augment:
+    """Random augmentation of a batch that moves the boxes with the pixels. Each study gets one geometric
+    transform shared by its modalities (they are co-registered) and an intensity jitter per modality.
+    All randomness comes from `generator`, so a resumed run sees the same batches."""
+    flip: float = 0.5          # probability of a left-right mirror (a tumour is as likely in either hemisphere)
+    scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale]
+    translate: float = 0.1     # shift, as a share of the image side
+    rotate: float = 5.0        # degrees in [-rotate, rotate]; the new box encloses the rotated one
+    contrast: float = 0.2      # per-modality gain in [1 - contrast, 1 + contrast]
+    brightness: float = 0.2    # per-modality offset, in normalised units
+    noise: float = 0.05        # std of added Gaussian noise, in normalised units
+
+    def __call__(self, images, boxes, generator=None):
+        """images (B, N, C, S, S), boxes (B, K, 4) normalised -> both transformed, same shapes."""
+        B, N, C, S, _ = images.shape
+        rand = lambda *shape: torch.rand(*shape, generator=generator).to(images.device)
+        # F.affine_grid's convention: output point u (in [-1, 1]) samples the input at A @ u + t.
+        angle = (rand(B) * 2 - 1) * math.radians(self.rotate)
+        zoom = 1 + (rand(B) * 2 - 1) * self.scale
+        mirror = torch.where(rand(B) < self.flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        A = torch.stack([torch.stack([cos * mirror, -sin], -1), torch.stack([sin * mirror, cos], -1)], -2)  # (B, 2, 2)
+        t = (rand(B, 2) * 2 - 1) * 2 * self.translate                                                         # (B, 2)
+        grid = F.affine_grid(torch.cat([A, t[:, :, None]], 2), (B, N * C, S, S), align_corners=False)
+        x = F.grid_sample(images.reshape(B, N * C, S, S).float(), grid, mode="bilinear",
+                          padding_mode="border", align_corners=False).view(B, N, C, S, S)
+        gain = 1 + (rand(B, N, 1, 1, 1) * 2 - 1) * self.contrast
+        offset = (rand(B, N, 1, 1, 1) * 2 - 1) * self.brightness
+        x = x * gain + offset + torch.randn(x.shape, generator=generator).to(x.device) * self.noise
+        # Boxes: an input corner p maps to the output point u = A^-1 (p - t); the new box encloses the four.
+        p = boxes * 2 - 1                                                                          # (B, K, 4)
+        corners = torch.stack([p[..., [0, 1]], p[..., [2, 1]], p[..., [0, 3]], p[..., [2, 3]]], -2)  # (B, K, 4, 2)
+        u = torch.einsum("bij,bkcj->bkci", torch.linalg.inv(A), corners - t[:, None, None, :])
+        return x, ((torch.cat([u.amin(-2), u.amax(-2)], -1) + 1) / 2).clamp(0, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -213,32 +213,88 @@ def test_llama_vocab_gets_specials_appended(tmp_path):
 
 # -- batches and split ------------------------------------------------------------------------------
 
-def test_box_dataset_shapes_and_masks(ds, tok, tmp_path):
+def _answers(tok, boxes, nbox):
+    return data.answer_tokens(boxes, nbox, tok.num_bins, tok.loc_start, tok.box_end_id, tok.eos_id, tok.pad_id)
+
+
+def test_batch_tensors_shapes_and_masks(ds, tok):
     make, good = ds
     row = {**good, "box": [[0, 0, 4, 4], [0, 0, 40, 30], [10, 10, 20, 20]]}
     _, samples = data.read_summary(make(row))
-    dset = data.BoxDataset(samples, tok, image_size=16, max_boxes=2)
-    batch = torch.utils.data.default_collate([dset[0], dset[1]])
-    assert batch["images"].shape == (2, 2, 3, 16, 16) and batch["images"].dtype == torch.float32
-    assert batch["answer"].shape == (2, 10) and batch["answer_mask"].shape == (2, 10)
-    assert batch["index"].tolist() == [0, 1]
+    images, boxes, nbox = data.load_tensors(samples, image_size=16, max_boxes=2)
+    assert images.shape == (2, 2, 3, 16, 16) and images.dtype == torch.float16
+    torch.testing.assert_close(images[1].float(), data.load_images(samples[1], 16), atol=2e-3, rtol=0)
+    assert nbox.tolist() == [1, 2]
+    answer, mask = _answers(tok, boxes, nbox)
+    assert answer.shape == (2, 10) and mask.shape == (2, 10)
     # row 1: box [10, 5, 30, 20] of 40x30 in 32 bins -> [8, 5, 24, 21]
-    assert batch["answer"][0].tolist() == [tok.loc_start + v for v in (8, 5, 24, 21)] + [tok.box_end_id, tok.eos_id] + [tok.pad_id] * 4
-    assert batch["answer_mask"][0].tolist() == [True] * 6 + [False] * 4
+    assert answer[0].tolist() == [tok.loc_start + v for v in (8, 5, 24, 21)] + [tok.box_end_id, tok.eos_id] + [tok.pad_id] * 4
+    assert mask[0].tolist() == [True] * 6 + [False] * 4
     # row 2: three boxes, the largest two kept, largest first
-    assert data.parse_answer(tok, batch["answer"][1].tolist()) == [[0, 0, 31, 31], [8, 10, 16, 21]]
-    assert batch["answer_mask"][1].all()
+    assert data.parse_answer(tok, answer[1].tolist()) == [[0, 0, 31, 31], [8, 10, 16, 21]]
+    assert mask[1].all()
+    # the batched answers are exactly answer_ids of the bins of each sample's boxes
+    for i, s in enumerate(samples):
+        kept = sorted(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)[:2]
+        ids = data.answer_ids(tok, [data.box_to_bins(b, *s.size, tok.num_bins) for b in kept])
+        assert answer[i][mask[i]].tolist() == ids
 
 
-def test_hflip_augment_mirrors_boxes(ds, tok):
+def test_augment_moves_boxes_with_the_pixels():
+    # A bright rectangle on black in 2 modalities; after a random flip/zoom/shift/rotation, the bright
+    # pixels' bounding box must match the transformed box to within a pixel or two.
+    S = 64
+    images = torch.zeros(8, 2, 3, S, S)
+    boxes = torch.zeros(8, 1, 4)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        x0, y0 = torch.randint(14, 30, (2,), generator=g).tolist()
+        w, h = torch.randint(8, 20, (2,), generator=g).tolist()
+        images[i, :, :, y0:y0 + h, x0:x0 + w] = 1.0
+        boxes[i, 0] = torch.tensor([x0, y0, x0 + w, y0 + h]) / S
+    aug = data.Augment(flip=0.5, scale=0.1, translate=0.1, rotate=0.0, contrast=0.0, brightness=0.0, noise=0.0)
+    x, b = aug(images, boxes, torch.Generator().manual_seed(1))
+    assert x.shape == images.shape and b.shape == boxes.shape
+    flipped = 0
+    for i in range(8):
+        ys, xs = torch.nonzero(x[i, 1, 0] > 0.5, as_tuple=True)
+        seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        assert (seen - b[i, 0] * S).abs().max() <= 1.5, (i, seen, b[i, 0] * S)
+        assert torch.equal(x[i, 0], x[i, 1])  # one geometric transform for all modalities of a study
+        flipped += int((b[i, 0, 0] + b[i, 0, 2]) / 2 < 0.5) != int((boxes[i, 0, 0] + boxes[i, 0, 2]) / 2 < 0.5)
+    assert 0 < flipped < 8  # some studies mirrored, some not
+    # with rotation the new box encloses the rotated rectangle: the bright pixels lie inside it, snugly
+    x, b = data.Augment(flip=0.5, rotate=10, contrast=0, brightness=0, noise=0)(images, boxes, torch.Generator().manual_seed(2))
+    for i in range(8):
+        ys, xs = torch.nonzero(x[i, 0, 0] > 0.5, as_tuple=True)
+        seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        d = (seen - b[i, 0] * S) * torch.tensor([1, 1, -1, -1])    # >= 0 when seen lies inside the box
+        assert d.min() >= -1.0 and d.max() <= 3.0, (i, seen, b[i, 0] * S)
+    # no-op settings give back the input
+    none = data.Augment(flip=0, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
+    x, b = none(images, boxes)
+    torch.testing.assert_close(x, images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, boxes, atol=1e-6, rtol=0)
+    # a pure flip is exact
+    x, b = data.Augment(flip=1, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)(images, boxes)
+    torch.testing.assert_close(x, images.flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[..., [0, 2]], 1 - boxes[..., [2, 0]], atol=1e-6, rtol=0)
+
+
+def test_sample_from_images_and_score(ds, tmp_path):
     make, good = ds
-    _, samples = data.read_summary(make({**good, "box": [[0, 0, 10, 10]]}))
-    dset = data.BoxDataset(samples, tok, 16, 1, augment=lambda im, b: data.random_hflip(im, b, p=1.0))
-    item = dset[1]
-    assert torch.equal(item["images"], data.load_images(samples[1], 16).flip(-1))
-    # [0, 0, 10, 10] of 40x30 -> [0, 0, 4, 5.33] at 16 px -> mirrored [12, 0, 16, 5.33] -> 32 bins
-    assert data.parse_answer(tok, item["answer"].tolist()) == [[24, 0, 31, 10]]
-    assert data.parse_answer(tok, data.BoxDataset(samples, tok, 16, 1)[1]["answer"].tolist()) == [[0, 0, 8, 10]]
+    s = data.sample_from_images([tmp_path / "a_0.png", tmp_path / "a_1.png"])
+    assert s.size == (40, 30) and s.boxes == [] and len(s.paths) == 2
+    gray(tmp_path / "big.png", W=50)
+    with pytest.raises(DataError, match="one size.*big.png 50x30"):
+        data.sample_from_images([tmp_path / "a_0.png", tmp_path / "big.png"])
+    with pytest.raises(DataError, match="not found.*nope.png"):
+        data.sample_from_images([tmp_path / "nope.png"])
+    _, samples = data.read_summary(make())          # one box [10, 5, 30, 20]
+    half = [10, 5, 20, 20]                          # IoU 0.5 exactly
+    sc = data.score_boxes([[10, 5, 30, 20], half], samples + samples)
+    assert sc == dict(miou=0.75, acc50=1.0, acc75=0.5)
+    assert data.score_boxes([None], samples[:1])["miou"] == 0.0
 
 
 def test_case_id():
