@@ -1,0 +1,126 @@
+"""
+Ask a trained minigpt-mri model where the tumour is.
+
+    python sample.py --images t2f.jpg t2w.jpg t1n.jpg t1c.jpg [--ckpt out] [--draw answer.png]
+    python sample.py --data val.jsonl --out pred.jsonl [--ckpt out]
+    python sample.py                      # the first validation rows of the demo data that train.py made
+
+One image per modality, in the checkpoint's order. The answer is one JSON line: the box in the training
+data's corner order (by default [maxx, maxy, minx, miny]; --box-format xywh gives COCO [x, y, w, h]),
+in pixels of the image size it names.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import data
+from model import MiniGPT
+
+
+def find_checkpoint(path):
+    """A checkpoint folder holds model.safetensors; train.py's --out folder holds one under ckpt/."""
+    path = Path(path)
+    for folder in (path, path / "ckpt"):
+        if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+            return folder
+    sys.exit(f"no checkpoint in {path}: expected {path / 'ckpt' / 'model.safetensors'} (train one with "
+             f"`python train.py --out {path}`) or a folder holding model.safetensors and config.json")
+
+
+def load(ckpt):
+    """-> model (eval mode), its data settings (modalities, image size, normalisation, ...), tokenizer."""
+    model = MiniGPT.from_checkpoint(ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())["meta"]
+    tokenizer = data.Tokenizer(ckpt / "tokenizer.model", model.cfg.num_bins)
+    return model.eval(), meta, tokenizer
+
+
+@torch.no_grad()
+def predict(model, samples, meta, device, batch_size=32):
+    """-> the first answered box per sample (pixel xyxy of its own image size), or None when it gave none."""
+    preds = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i: i + batch_size]
+        x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk]).to(device)
+        bins = model.generate(x).cpu().tolist()                               # (b, 4 * max_boxes), -1 after </box>
+        preds += [data.bins_to_box(b[:4], *s.size, model.cfg.num_bins) if b[0] >= 0 else None for s, b in zip(chunk, bins)]
+    return preds
+
+
+def draw(sample, modalities, pred, path):
+    """The modalities side by side, the answer in red and the true box (when known) in green."""
+    tiles = [Image.open(p).convert("RGB") for p in sample.paths]
+    W, H = sample.size
+    sheet = Image.new("RGB", (W * len(tiles), H + 16), "black")
+    d = ImageDraw.Draw(sheet)
+    for k, (tile, name) in enumerate(zip(tiles, modalities)):
+        sheet.paste(tile, (k * W, 16))
+        d.text((k * W + 2, 2), name, fill="white")
+        for box, color in [(b, (0, 220, 0)) for b in sample.boxes] + ([(pred, (255, 40, 40))] if pred else []):
+            x0, y0, x1, y1 = box
+            d.rectangle([k * W + x0, 16 + y0, k * W + x1, 16 + y1], outline=color, width=2)
+    sheet.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", nargs="+", help="one image per modality, in the checkpoint's order (see the error for which)")
+    p.add_argument("--data", help="a summary.jsonl: answer every row (batched); scored when its rows carry boxes")
+    p.add_argument("--out", help="with --data: write predictions here, one JSON line per input line (default: stdout)")
+    p.add_argument("--ckpt", default="out", help="checkpoint folder, or train.py's --out folder (default out/)")
+    p.add_argument("--box-format", choices=["corners", "xywh"],
+                   help="corners: [maxx, maxy, minx, miny]; xywh: COCO [x, y, w, h] (default: the training data's)")
+    p.add_argument("--draw", help="PNG: the modalities side by side with the answered box (red) and the true one (green)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+
+    ckpt = find_checkpoint(args.ckpt)
+    model, meta, tokenizer = load(ckpt)
+    model.to(args.device)
+    modalities = meta["modalities"]
+    box_format = args.box_format or meta["box_format"]
+
+    if args.images:
+        if len(args.images) != len(modalities):
+            sys.exit(f"got {len(args.images)} images, but the checkpoint {ckpt} expects {len(modalities)}, "
+                     f"one per modality in this order: {', '.join(modalities)}")
+        samples = [data.sample_from_images(args.images)]
+    else:
+        path = args.data or meta["args"].get("val") or meta["args"].get("data")
+        if not path or not Path(path).exists():
+            sys.exit("nothing to answer: give --images or --data (the checkpoint's own data is not at hand)")
+        file_mods, samples = data.read_summary(path, box_format=meta["box_format"] if not args.data else (args.box_format or "corners"),
+                                               require_boxes=False)
+        if file_mods != modalities:
+            sys.exit(f"{path}: modalities {file_mods} differ from the checkpoint's {modalities}")
+        if not args.data:  # the embedded demo: a few rows of the training run's own data
+            samples = samples[-4:]
+
+    preds = predict(model, samples, meta, args.device)
+    lines = []
+    for s, pred in zip(samples, preds):
+        row = {} if args.images else {k: v for k, v in s.row.items() if k.endswith("_path")}
+        row["box"] = [data.box_to_output(pred, box_format)] if pred else []
+        row["size"] = list(s.size)  # (W, H): the pixels the box refers to
+        lines.append(json.dumps(row))
+    if args.out:
+        Path(args.out).write_text("".join(l + "\n" for l in lines))
+        print(f"wrote {len(lines)} predictions to {args.out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    if args.draw:
+        draw(samples[0], modalities, preds[0], args.draw)
+        print(f"drew {args.draw}", file=sys.stderr)
+    if samples and all(s.boxes for s in samples):
+        s = data.score_boxes(preds, samples)
+        print(f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} on {len(samples)} rows",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

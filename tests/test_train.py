@@ -1,0 +1,145 @@
+"""End to end: train.py and sample.py as a user runs them (subprocesses, tiny sizes, CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny model: every size flag set, so the CPU recipe's sizes do not apply. A test overrides a flag by
+# repeating it after TINY (argparse keeps the last).
+TINY = ["--image-size", "32", "--patch-size", "8", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
+        "--num-query", "4", "--qformer-width", "32", "--qformer-depth", "1", "--qformer-heads", "2",
+        "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--num-bins", "64",
+        "--batch-size", "8", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu", "--no-augment"]
+
+
+def run(script, *args, ok=True, env_extra=None, runner=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    cmd = (runner or [sys.executable]) + [str(ROOT / script), *map(str, args)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if ok and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo dataset: 3 patients x 2 slices."""
+    d = tmp_path_factory.mktemp("demo")
+    return data.make_demo(d, cases=3, slices_per_case=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo):
+    """A tiny model overfitted to the demo rows (validated on the same rows)."""
+    out = tmp_path_factory.mktemp("run")
+    r = run("train.py", "--data", demo, "--val", demo, "--out", out, "--max-steps", 300, "--eval-every", 300,
+            "--lr", "3e-3", *TINY)
+    return out, r
+
+
+def last_eval(out):
+    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "miou" in m][-1]
+
+
+def test_tiny_model_overfits_a_handful_of_samples(trained):
+    out, r = trained
+    m = last_eval(out)
+    assert m["miou"] >= 0.9, r.stdout
+    assert m["meanbox_miou"] < m["miou"]
+    assert (out / "curves.png").exists() and (out / "ckpt" / "model.safetensors").exists()
+
+
+def test_sample_answers_images_and_draws(trained, demo, tmp_path):
+    out, _ = trained
+    modalities, samples = data.read_summary(demo)
+    s = samples[0]
+    png = tmp_path / "answer.png"
+    r = run("sample.py", "--ckpt", out, "--images", *s.paths, "--draw", png)
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert answer["size"] == list(s.size)
+    (maxx, maxy, minx, miny), = answer["box"]  # the training data's corner order
+    assert maxx > minx and maxy > miny
+    assert data.box_iou([minx, miny, maxx, maxy], s.boxes[0]) >= 0.8
+    r = run("sample.py", "--ckpt", out, "--images", *s.paths, "--box-format", "xywh")
+    (x, y, w, h), = json.loads(r.stdout.strip().splitlines()[-1])["box"]
+    assert (x, y, w, h) == pytest.approx((minx, miny, maxx - minx, maxy - miny))
+    with Image.open(png) as im:
+        assert im.size == (s.size[0] * len(modalities), s.size[1] + 16)
+
+
+def test_sample_batch_prediction_file(trained, demo, tmp_path):
+    out, _ = trained
+    pred = tmp_path / "pred.jsonl"
+    r = run("sample.py", "--ckpt", out, "--data", demo, "--out", pred)
+    rows_in = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
+    rows_out = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert len(rows_out) == len(rows_in)
+    for a, b in zip(rows_in, rows_out):
+        assert {k: v for k, v in a.items() if k.endswith("_path")} == {k: v for k, v in b.items() if k.endswith("_path")}
+        assert len(b["box"]) == 1 and len(b["box"][0]) == 4
+    assert "mean IoU" in r.stderr
+    miou = float(r.stderr.split("mean IoU")[1].split(",")[0])
+    assert miou >= 0.9  # the same rows the model overfitted
+
+
+def test_wrong_image_count_is_a_clear_error(trained, demo):
+    out, _ = trained
+    _, samples = data.read_summary(demo)
+    r = run("sample.py", "--ckpt", out, "--images", *samples[0].paths[:3], ok=False)
+    assert r.returncode != 0
+    assert "got 3 images" in r.stderr and "t2f Axial, t2w Axial, t1n Axial, t1c Axial" in r.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, demo):
+    _, samples = data.read_summary(demo)
+    r = run("sample.py", "--ckpt", tmp_path / "nothing", "--images", *samples[0].paths, ok=False)
+    assert r.returncode != 0 and "no checkpoint in" in r.stderr and "nothing" in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo):
+    # Five good steps, then resume with a learning rate so large that the weights blow up at once.
+    common = ["--data", demo, "--out", tmp_path, "--eval-every", 5, *TINY]
+    run("train.py", *common, "--max-steps", 5)
+    good = load_file(tmp_path / "ckpt" / "model.safetensors")
+    r = run("train.py", *common, "--max-steps", 60, "--resume", "--lr", "1e30", ok=False)
+    assert r.returncode != 0
+    assert "loss became nan" in r.stderr and "the last good checkpoint (step 5) is kept" in r.stderr
+    assert torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=False)["step"] == 5
+    kept = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo):
+    common = ["--data", demo, "--decay-steps", 20, "--eval-every", 10, *TINY]
+    run("train.py", *common, "--out", tmp_path / "a", "--max-steps", 20)
+    run("train.py", *common, "--out", tmp_path / "b", "--max-steps", 10)
+    b10 = load_file(tmp_path / "b" / "ckpt" / "model.safetensors")
+    r = run("train.py", *common, "--out", tmp_path / "b", "--max-steps", 20, "--resume")
+    assert "resumed" in r.stdout and "at step 10" in r.stdout
+    a = load_file(tmp_path / "a" / "ckpt" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "ckpt" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(a[k], b10[k]) for k in a)  # the resumed steps did train
+
+
+def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo):
+    common = ["--data", demo, "--max-steps", 4, "--eval-every", 4, *TINY, "--grad-clip", 0]
+    run("train.py", *common, "--out", tmp_path / "one", "--batch-size", 8)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run("train.py", *common, "--out", tmp_path / "two", "--batch-size", 4, runner=torchrun)
+    one = load_file(tmp_path / "one" / "ckpt" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "ckpt" / "model.safetensors")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,414 @@
+"""
+Train minigpt-mri: several MRI modalities of one slice in, the tumour's box out, as location tokens.
+
+    python train.py                                  # embedded default: demo data, small model, this device's recipe
+    python train.py --data summary.jsonl --out out   # your data (a patient-level split of it validates)
+    torchrun --nproc_per_node=4 train.py --data ...  # several GPUs (DistributedDataParallel)
+
+Every knob is a flag (see --help); the ones left unset come from the recipe of the device the run is on
+(CPU_RECIPE or GPU_RECIPE below). The whole configuration is saved in the checkpoint, so `--resume`
+and sample.py rebuild exactly what was trained.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+from model import LLaMAConfig, MiniGPT, MiniGPTConfig
+from vision import QFormerConfig, ViTConfig
+
+# Recipes: the defaults of every size and schedule knob, per kind of device. A flag given on the
+# command line wins. The CPU recipe trains in minutes on 2 cores; the GPU recipe fills an H200-class GPU.
+CPU_RECIPE = dict(
+    image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
+    num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
+    dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+    num_bins=64, batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
+    compile=False, bf16=False,
+)
+GPU_RECIPE = dict(
+    image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
+    num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
+    dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
+    num_bins=128, batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
+    compile=True, bf16=True,
+)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="training summary.jsonl (default: make the demo dataset under OUT/demo and train on it)")
+    g.add_argument("--val", help="validation summary.jsonl (default: a patient-level split of --data)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out when --val is not given (default 0.2)")
+    g.add_argument("--box-format", choices=["corners", "xywh"], default="corners",
+                   help="how boxes are written in the jsonl: two opposite corners, e.g. [maxx, maxy, minx, miny] (default), or COCO [x, y, w, h]")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random flips, zoom, shifts, small rotations and intensity jitter that move the boxes with the pixels (default on)")
+    g.add_argument("--max-boxes", type=int, default=1, help="boxes per answer; rows with more keep the largest (default 1)")
+    g.add_argument("--out", default="out", help="output folder: checkpoint, metrics.jsonl, curves.png (default out/)")
+    g = p.add_argument_group("model (unset sizes come from the device recipe)")
+    g.add_argument("--vision", help="pretrained vision folder: a BLIP-2 (EVA ViT-g + Q-Former) or CLIP checkpoint in Hugging Face layout")
+    g.add_argument("--llm", help="pretrained LLaMA-family folder (config.json, safetensors, tokenizer.model)")
+    g.add_argument("--template", choices=sorted(data.TEMPLATES), default="plain",
+                   help="conversation template wrapped around the prompt, for chat LLMs: vicuna (MiniGPT-4), llama2 (default plain)")
+    g.add_argument("--minigpt4", action="store_true",
+                   help="MiniGPT-4 shape: needs --vision BLIP2 and --llm VICUNA; sets template vicuna, 224 px, freezes ViT and Q-Former, LoRA r=8 on the LLM")
+    g.add_argument("--fusion", choices=["per-image", "early"], default="per-image",
+                   help="per-image: one Q-Former pass and one prompt slot per modality (default); "
+                        "early: all modalities' ViT tokens in one Q-Former pass, one slot (the original blog's variant)")
+    for name, help_ in [("image-size", "pixels the images are resized to"), ("patch-size", "ViT patch size"),
+                        ("vit-width", "ViT width"), ("vit-depth", "ViT blocks"), ("vit-heads", "ViT heads"),
+                        ("num-query", "Q-Former queries = tokens per image"), ("qformer-width", "Q-Former width"),
+                        ("qformer-depth", "Q-Former layers"), ("qformer-heads", "Q-Former heads"),
+                        ("cross-every", "Q-Former cross-attention every k-th layer"),
+                        ("dim", "LLM width"), ("n-layers", "LLM layers"), ("n-heads", "LLM heads"),
+                        ("n-kv-heads", "LLM key/value heads (grouped-query attention)"),
+                        ("num-bins", "location bins per coordinate")]:
+        g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
+    g.add_argument("--freeze-vit", action="store_true", help="do not train the ViT")
+    g.add_argument("--freeze-qformer", action="store_true", help="do not train the Q-Former (its output Linear still trains)")
+    g.add_argument("--freeze-llm", action="store_true", help="do not train the LLM (LoRA adapters, if any, still train)")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's q and v projections (default 0: off)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    g = p.add_argument_group("optimisation (unset values come from the device recipe)")
+    g.add_argument("--batch-size", type=int, help="samples per step on each process (default: recipe)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: recipe)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a share of the peak (default 0.1)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: recipe)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices (default 0.05)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1.0)")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (default: none, the time budget decides)")
+    g.add_argument("--max-minutes", type=float, help="time budget: stop, evaluate and save when it runs out (default: recipe)")
+    g.add_argument("--decay-steps", type=int,
+                   help="steps of the cosine decay (default --max-steps; with only a time budget the decay follows the clock)")
+    g.add_argument("--eval-every", type=int, help="evaluate and save every N steps (default: recipe)")
+    g.add_argument("--log-every", type=int, default=25, help="progress line every N steps (default 25)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and the split (default 0)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    args = p.parse_args(argv)
+
+    if args.minigpt4:
+        if not (args.vision and args.llm):
+            p.error("--minigpt4 needs --vision (a BLIP-2 folder) and --llm (a Vicuna/LLaMA folder)")
+        args.template = "vicuna" if args.template == "plain" else args.template
+        args.image_size = args.image_size or 224
+        args.freeze_vit = args.freeze_qformer = True
+        args.freeze_llm = True
+        args.lora_rank = args.lora_rank or 8
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = dict(GPU_RECIPE if args.device.startswith("cuda") else CPU_RECIPE)
+    if args.max_steps:  # a step count given alone is not also cut by the recipe's clock
+        recipe.pop("max_minutes")
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Data order
+
+def batch_indices(step, batch_size, n, seed, rank=0, world=1):
+    """The sample indices of one step: a fixed function of the step, so a resumed run sees the same data."""
+    total = batch_size * world
+    start = step * total
+    idx = []
+    for p in range(start + rank * batch_size, start + (rank + 1) * batch_size):
+        epoch, pos = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx.append(perm[pos].item())
+    return torch.tensor(idx)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy box answers on the validation split, scored by IoU.
+
+@torch.no_grad()
+def predict(model, images, samples, cfg, device, batch_size=64, autocast=None):
+    """-> one predicted box (pixel xyxy of each sample's own size) per sample, None when the answer has none."""
+    model.eval()
+    preds = []
+    for i in range(0, len(samples), batch_size):
+        x = images[i: i + batch_size].to(device).float()
+        with autocast():
+            bins = model.generate(x).cpu()                                   # (b, 4 * max_boxes), -1 after </box>
+        for s, b in zip(samples[i: i + batch_size], bins.tolist()):
+            preds.append(data.bins_to_box(b[:4], *s.size, cfg.num_bins) if b[0] >= 0 else None)
+    return preds
+
+
+def mean_box_preds(train_boxes, samples):
+    """The baseline a model must beat: always answer the mean training box (scaled to each image)."""
+    m = train_boxes[:, 0].mean(0).tolist()
+    return [[m[0] * s.size[0], m[1] * s.size[1], m[2] * s.size[0], m[3] * s.size[1]] for s in samples]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a folder written under a temporary name and swapped in, so a crash never leaves half of one.
+
+def save_checkpoint(out, model, optimizer, tokenizer, step, meta):
+    tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, extra=meta)
+    shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "meta": meta}, tmp / "train_state.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_curves(metrics, path):
+    """Loss and validation IoU against step, drawn with pillow (no plotting dependency)."""
+    W, H, pad = 900, 360, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    series = [("train loss", [(m["step"], m["loss"]) for m in metrics if "loss" in m], (30, 90, 200)),
+              ("val mean IoU", [(m["step"], m["miou"]) for m in metrics if "miou" in m], (200, 60, 30))]
+    for k, (name, pts, color) in enumerate(series):
+        x0, x1 = pad + k * W // 2, (k + 1) * W // 2 - 10
+        d.rectangle([x0, pad, x1, H - pad], outline="black")
+        d.text((x0, 10), name, fill=color)
+        if len(pts) < 1:
+            continue
+        smax = max(p[0] for p in pts) or 1
+        vmin, vmax = (0.0, 1.0) if "IoU" in name else (min(p[1] for p in pts), max(p[1] for p in pts))
+        vmax = vmax if vmax > vmin else vmin + 1
+        xy = [(x0 + (x1 - x0) * s / smax, H - pad - (H - 2 * pad) * (v - vmin) / (vmax - vmin)) for s, v in pts]
+        d.line(xy, fill=color, width=2) if len(xy) > 1 else d.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=color)
+        d.text((x0 + 4, H - pad + 4), f"step 0..{smax}   {vmin:.3g}..{vmax:.3g}", fill="black")
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    out = Path(args.out)
+
+    # Several processes under torchrun: one per GPU (or CPU process on gloo), each with its share of the batch.
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    master = rank == 0
+    device = torch.device(args.device)
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+
+    # ---- data and tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    resume_state = None
+    if args.resume:
+        ckpt = out / "ckpt"
+        if not (ckpt / "train_state.pt").exists():
+            sys.exit(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
+        resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+    if args.data is None:
+        if master:
+            args.data = str(data.make_demo(out / "demo", seed=args.seed))
+        if ddp:
+            dist.barrier()
+        args.data = str(out / "demo" / "summary.jsonl")
+    modalities, samples = data.read_summary(args.data, box_format=args.box_format)
+    if args.val:
+        val_mods, val_samples = data.read_summary(args.val, box_format=args.box_format)
+        if val_mods != modalities:
+            sys.exit(f"{args.val}: modalities {val_mods} differ from {args.data}'s {modalities}")
+        train_samples = samples
+    else:
+        train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
+    n_img = len(modalities)
+    if args.llm:
+        tokenizer = data.Tokenizer(Path(args.llm) / "tokenizer.model", args.num_bins)
+    elif resume_state:
+        tokenizer = data.Tokenizer(out / "ckpt" / "tokenizer.model", args.num_bins)
+    else:
+        tokenizer = data.Tokenizer.train(out / "tokenizer.model", num_bins=args.num_bins) if master else None
+        if ddp:
+            dist.barrier()
+        tokenizer = tokenizer or data.Tokenizer(out / "tokenizer.model", args.num_bins)
+    log(f"data: {len(train_samples)} train / {len(val_samples)} val slices, modalities {modalities}")
+
+    # ---- model
+    n_slots = 1 if args.fusion == "early" else n_img
+    cfg = MiniGPTConfig(
+        vit=ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
+                      depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width),
+        qformer=QFormerConfig(num_query=args.num_query, width=args.qformer_width, depth=args.qformer_depth,
+                              heads=args.qformer_heads, mlp_dim=4 * args.qformer_width, cross_every=args.cross_every,
+                              vision_width=args.vit_width, out_dim=args.dim),
+        llm=LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                        n_kv_heads=args.n_kv_heads, hidden_dim=int(8 / 3 * args.dim / 32 + 1) * 32,
+                        max_seq_len=1024, tie_embeddings=True),
+        n_images=n_img, fusion=args.fusion, prompt_chunks=data.prompt_chunks(tokenizer, n_slots, args.template),
+        num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+    )
+    model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)
+    model.freeze(vit=args.freeze_vit, qformer=args.freeze_qformer, llm=args.freeze_llm)
+    cfg = model.cfg  # loading pretrained parts fills in their sizes
+    model.to(device)
+    meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN), std=list(data.CLIP_STD),
+                box_format=args.box_format, template=args.template, args=vars(args))
+
+    # AdamW, fused on CUDA; no weight decay on vectors (norms, biases) and embeddings-as-queries.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step = 0
+    if resume_state:
+        model.load_state_dict(MiniGPT.from_checkpoint(out / "ckpt").state_dict())
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = resume_state["step"]
+        log(f"resumed from {out / 'ckpt'} at step {step}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trained, "
+        f"{n_slots} slot(s) x {cfg.qformer.num_query} image tokens, device {device}")
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(model)
+    if ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    bf16 = args.bf16 and device.type == "cuda"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # ---- tensors in memory
+    t0 = time.time()
+    tr_images, tr_boxes, tr_nbox = data.load_tensors(train_samples, cfg.vit.image_size, cfg.max_boxes)
+    va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
+    log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
+    baseline = data.score_boxes(mean_box_preds(tr_boxes, val_samples), val_samples)
+
+    # ---- schedule: linear warmup, then cosine to min_lr_ratio; progress by steps or by the clock
+    decay_steps = args.decay_steps or args.max_steps
+    budget = args.max_minutes * 60 if args.max_minutes else None
+
+    def lr_at(step, elapsed):
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = 0.0
+        if decay_steps:
+            progress = max(progress, (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps))
+        if budget:
+            progress = max(progress, elapsed / budget)
+        progress = min(progress, 1.0)
+        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    metrics_path = out / "metrics.jsonl"
+    metrics = [json.loads(l) for l in metrics_path.read_text().splitlines()] if resume_state and metrics_path.exists() else []
+    metrics = [m for m in metrics if m["step"] <= step]
+    elapsed0 = resume_state["meta"].get("elapsed", 0.0) if resume_state else 0.0
+    t_start = time.time()
+    last_good = step if resume_state else None
+
+    evaluated_at = None
+
+    def evaluate_and_save(step):
+        nonlocal last_good, evaluated_at
+        evaluated_at = step
+        if master:
+            t = time.time()
+            preds = predict(model, va_images, val_samples, cfg, device, autocast=autocast)
+            s = data.score_boxes(preds, val_samples)
+            m = dict(step=step, **{k: round(v, 4) for k, v in s.items()}, **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()})
+            metrics.append(m)
+            log(f"eval step {step}: val mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} "
+                f"(mean-box answer: {baseline['miou']:.3f} / {baseline['acc50']:.3f} / {baseline['acc75']:.3f}) [{time.time() - t:.1f}s]")
+            meta["elapsed"] = elapsed0 + time.time() - t_start
+            save_checkpoint(out, model, optimizer, tokenizer, step, meta)
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+            plot_curves(metrics, out / "curves.png")
+            last_good = step
+        if ddp:
+            dist.barrier()
+        model.train()
+
+    # ---- the loop
+    augment = data.Augment() if args.augment else None
+    model.train()
+    micro = args.batch_size // args.grad_accum
+    assert micro * args.grad_accum == args.batch_size, "--batch-size must be a multiple of --grad-accum"
+    t_log, loss_acc, n_acc = time.time(), 0.0, 0
+    while True:
+        elapsed = elapsed0 + time.time() - t_start
+        if (args.max_steps and step >= args.max_steps) or (budget and elapsed >= budget):
+            break
+        lr = lr_at(step, elapsed)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = batch_indices(step, args.batch_size, len(train_samples), args.seed, rank, world)
+        images = tr_images[idx].to(device, non_blocking=True).float()
+        boxes = tr_boxes[idx].to(device)
+        if augment:
+            images, boxes = augment(images, boxes, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank))
+        answer, mask = data.answer_tokens(boxes, tr_nbox[idx].to(device), cfg.num_bins, cfg.loc_start,
+                                          cfg.box_end_id, cfg.eos_id, cfg.pad_id)
+        for k in range(args.grad_accum):
+            sl = slice(k * micro, (k + 1) * micro)
+            if ddp:
+                train_model.require_backward_grad_sync = k == args.grad_accum - 1
+            with autocast():
+                loss = train_model(images[sl], answer[sl], mask[sl]) / args.grad_accum
+            loss.backward()
+            loss_acc += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n_acc += 1
+        # The loss is read back (a host sync) only here, and always before a checkpoint is written.
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step == args.max_steps:
+            loss_val = (loss_acc / n_acc).item()
+            if not math.isfinite(loss_val):
+                where = f"the last good checkpoint (step {last_good}) is kept in {out / 'ckpt'}" if last_good is not None else "no checkpoint was written"
+                sys.exit(f"training stopped: the loss became {loss_val} near step {step} (lr {lr:.3g}); {where}. "
+                         f"Lower --lr or check the data.")
+            dt = time.time() - t_log
+            left = budget - elapsed if budget else float("nan")
+            if args.max_steps:
+                rate = dt / n_acc
+                left = min(left, (args.max_steps - step) * rate) if budget else (args.max_steps - step) * rate
+            log(f"step {step}: loss {loss_val:.4f}, lr {lr:.2e}, {n_acc * args.batch_size * world / dt:.1f} samples/s, "
+                f"{left / 60:.1f} min left")
+            metrics.append(dict(step=step, loss=round(loss_val, 5), lr=lr))
+            t_log, loss_acc, n_acc = time.time(), 0.0, 0
+        if step % args.eval_every == 0:
+            evaluate_and_save(step)
+    if n_acc and not math.isfinite((loss_acc / n_acc).item()):
+        sys.exit(f"training stopped: the loss became non-finite before step {step}; "
+                 f"the last good checkpoint (step {last_good}) is kept in {out / 'ckpt'}")
+    if evaluated_at != step:
+        evaluate_and_save(step)
+    log(f"done: {step} steps in {(elapsed0 + time.time() - t_start) / 60:.1f} min; checkpoint in {out / 'ckpt'}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
