@@ -347,6 +347,17 @@ class LoRALinear(nn.Linear):
         return out
 
 
+def generalized_iou(a, b):
+    """GIoU (Rezatofighi et al. 2019) of boxes (..., 4) [x0, y0, x1, y1]: IoU minus the share of the
+    enclosing box that neither covers; in [-1, 1], and with a gradient even when the boxes do not meet."""
+    a0, a1 = torch.minimum(a[..., :2], a[..., 2:]), torch.maximum(a[..., :2], a[..., 2:])  # a corner order of its own
+    area = lambda lo, hi: (hi - lo).clamp(min=0).prod(-1)
+    inter = area(torch.maximum(a0, b[..., :2]), torch.minimum(a1, b[..., 2:]))
+    union = area(a0, a1) + area(b[..., :2], b[..., 2:]) - inter
+    hull = area(torch.minimum(a0, b[..., :2]), torch.maximum(a1, b[..., 2:]))
+    return inter / union.clamp(min=1e-7) - (hull - union) / hull.clamp(min=1e-7)
+
+
 # -----------------------------------------------------------------------------
 # MiniGPT: ViT -> Q-Former -> splice into the prompt -> LLaMA
 
@@ -367,6 +378,8 @@ class MiniGPTConfig:
     max_boxes: int = 1
     lora_rank: int = 0  # 0 = off
     lora_alpha: float = 16.0
+    loc_sigma: float = 0.0  # label smoothing over neighbouring location bins: Gaussian std in bins (0 = one-hot)
+    box_head: str = "tokens"  # "tokens": answer with location tokens; "regress": also an MLP box head at <box>
 
     @property
     def n_slots(self) -> int:
@@ -394,6 +407,8 @@ class MiniGPT(nn.Module):
         super().__init__()
         if cfg.fusion not in ("per-image", "early"):
             raise ValueError(f"fusion must be 'per-image' or 'early', got {cfg.fusion!r}")
+        if cfg.box_head not in ("tokens", "regress"):
+            raise ValueError(f"box_head must be 'tokens' or 'regress', got {cfg.box_head!r}")
         if len(cfg.prompt_chunks) != cfg.n_slots + 1:
             raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
                              f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
@@ -405,6 +420,9 @@ class MiniGPT(nn.Module):
         self.vit = vit or ViT(cfg.vit)
         self.qformer = qformer or QFormer(cfg.qformer)
         self.llm = llm or LLaMA(cfg.llm)
+        # The original blog's box head: hidden -> hidden/2 -> 4, sigmoid, on the hidden state at <box>.
+        d = cfg.llm.dim
+        self.box_mlp = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 4)) if cfg.box_head == "regress" else None
         # the prompt never changes, so each image slot sits at a fixed position (static shapes)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
@@ -499,16 +517,42 @@ class MiniGPT(nn.Module):
             pieces.append(tail)
         return torch.cat(pieces, dim=1)
 
-    def forward(self, images, answer, answer_mask):
+    def forward(self, images, answer, answer_mask, boxes=None):
         """images (B, N, 3, S, S), answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over
         the answer tokens where answer_mask is True. The answer is fed shifted (teacher forcing); logits
-        are computed only at the L positions that predict answer tokens (the head is the costly part)."""
+        are computed only at the L positions that predict answer tokens (the head is the costly part).
+        With loc_sigma > 0 a location token's target is a Gaussian over the neighbouring bins, so a
+        near miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0,
+        x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog."""
         L = answer.shape[1]
         x = self.splice_images(self.encode_images(images), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
         h = self.llm(x, torch.arange(x.shape[1], device=x.device))  # (B, P+L-1, dim)
         logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
         targets = answer.masked_fill(~answer_mask, -100)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if self.cfg.loc_sigma > 0:
+            loss = self.smoothed_loss(logits, answer, answer_mask)
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if self.box_mlp is not None and boxes is not None:
+            pred = self.box_mlp(h[:, -L].float()).sigmoid()  # (B, 4): the hidden state at <box>
+            loss = loss + F.l1_loss(pred, boxes) + (1 - generalized_iou(pred, boxes)).mean()
+        return loss
+
+    def smoothed_loss(self, logits, answer, answer_mask):
+        """Cross-entropy against soft targets: a Gaussian of std loc_sigma bins around the true bin for
+        location tokens, one-hot for the others. logits (B, L, V) -> mean over the masked positions."""
+        c = self.cfg
+        logp = logits.log_softmax(-1)  # (B, L, V)
+        k = answer - c.loc_start  # (B, L): the true bin where the token is a location
+        is_loc = (k >= 0) & (k < c.num_bins)
+        bins = torch.arange(c.num_bins, device=answer.device)
+        soft = torch.exp(-0.5 * ((bins - k[..., None]) / c.loc_sigma) ** 2)  # (B, L, bins)
+        soft = soft / soft.sum(-1, keepdim=True)
+        loc_nll = -(soft * logp[..., c.loc_start: c.loc_start + c.num_bins]).sum(-1)  # (B, L)
+        hard_nll = -logp.gather(-1, answer[..., None]).squeeze(-1)  # (B, L)
+        nll = torch.where(is_loc, loc_nll, hard_nll)
+        m = answer_mask.float()
+        return (nll * m).sum() / m.sum()
 
     def flops_per_sample(self, train: bool = True) -> int:
         """FLOPs of one training sample (forward + backward; forward only with train=False), counted by
@@ -586,6 +630,17 @@ class MiniGPT(nn.Module):
                 logits = self.decode_step(token, input_pos)
                 input_pos += 1
         return out
+
+    @torch.no_grad()
+    def predict_boxes(self, images):
+        """images (B, N, 3, S, S) -> (B, 4) normalised [x0, y0, x1, y1]: the first answered box, read
+        at its bins' centres (tokens), or the box head's output (regress: one prefill, no decoding)."""
+        if self.box_mlp is not None:
+            x = self.splice_images(self.encode_images(images))  # (B, P, dim)
+            h = self.llm(x, torch.arange(x.shape[1], device=x.device))
+            return self.box_mlp(h[:, -1].float()).sigmoid().view(-1, 2, 2).sort(1).values.view(-1, 4)
+        b = (self.generate(images)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
+        return b.view(-1, 2, 2).sort(1).values.view(-1, 4)
 
     # ---- checkpoints
 

@@ -42,13 +42,13 @@ def load(ckpt):
 
 @torch.no_grad()
 def predict(model, samples, meta, device, batch_size=32):
-    """-> the first answered box per sample (pixel xyxy of its own image size), or None when it gave none."""
+    """-> the answered box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
     preds = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
         x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk]).to(device)
-        bins = model.generate(x).cpu().tolist()                               # (b, 4 * max_boxes), -1 after </box>
-        preds += [data.bins_to_box(b[:4], *s.size, model.cfg.num_bins) if b[0] >= 0 else None for s, b in zip(chunk, bins)]
+        boxes = model.predict_boxes(x).cpu()  # (b, 4) normalised
+        preds += [(b * torch.tensor(s.size * 2)).tolist() for b, s in zip(boxes, chunk)]
     return preds
 
 
@@ -61,7 +61,7 @@ def draw(sample, modalities, pred, path):
     for k, (tile, name) in enumerate(zip(tiles, modalities)):
         sheet.paste(tile, (k * W, 16))
         d.text((k * W + 2, 2), name, fill="white")
-        for box, color in [(b, (0, 220, 0)) for b in sample.boxes] + ([(pred, (255, 40, 40))] if pred else []):
+        for box, color in [(b, (0, 220, 0)) for b in sample.boxes] + [(pred, (255, 40, 40))]:
             x0, y0, x1, y1 = box
             d.rectangle([k * W + x0, 16 + y0, k * W + x1, 16 + y1], outline=color, width=2)
     sheet.save(path)
@@ -105,7 +105,7 @@ def main(argv=None):
     lines = []
     for s, pred in zip(samples, preds):
         row = {} if args.images else {k: v for k, v in s.row.items() if k.endswith("_path")}
-        row["box"] = [data.box_to_output(pred, box_format)] if pred else []
+        row["box"] = [data.box_to_output(pred, box_format)]
         row["size"] = list(s.size)  # (W, H): the pixels the box refers to
         lines.append(json.dumps(row))
     if args.out:

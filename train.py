@@ -34,14 +34,14 @@ CPU_RECIPE = dict(
     image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
     num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
     dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-    num_bins=64, batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
+    num_bins=64, loc_sigma=1.0, batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
     compile=False, bf16=False,
 )
 GPU_RECIPE = dict(
     image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
     num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
     dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-    num_bins=128, batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
+    num_bins=128, loc_sigma=1.0, batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
     compile=True, bf16=True,
 )
 
@@ -77,6 +77,10 @@ def get_args(argv=None):
                         ("n-kv-heads", "LLM key/value heads (grouped-query attention)"),
                         ("num-bins", "location bins per coordinate")]:
         g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
+    g.add_argument("--box-head", choices=["tokens", "regress"], default="tokens",
+                   help="tokens: the box is read from the answered location tokens (default); regress: the original blog's "
+                        "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead")
+    g.add_argument("--loc-sigma", type=float, help="label smoothing over neighbouring location bins, Gaussian std in bins (default: recipe)")
     g.add_argument("--freeze-vit", action="store_true", help="do not train the ViT")
     g.add_argument("--freeze-qformer", action="store_true", help="do not train the Q-Former (its output Linear still trains)")
     g.add_argument("--freeze-llm", action="store_true", help="do not train the LLM (LoRA adapters, if any, still train)")
@@ -140,17 +144,12 @@ def batch_indices(step, batch_size, n, seed, rank=0, world=1):
 # Evaluation: greedy box answers on the validation split, scored by IoU.
 
 @torch.no_grad()
-def predict(model, images, samples, cfg, device, batch_size=64, autocast=None):
-    """-> one predicted box (pixel xyxy of each sample's own size) per sample, None when the answer has none."""
+def predict(model, images, samples, device, autocast, batch_size=64):
+    """-> one predicted box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
     model.eval()
-    preds = []
-    for i in range(0, len(samples), batch_size):
-        x = images[i: i + batch_size].to(device).float()
-        with autocast():
-            bins = model.generate(x).cpu()                                   # (b, 4 * max_boxes), -1 after </box>
-        for s, b in zip(samples[i: i + batch_size], bins.tolist()):
-            preds.append(data.bins_to_box(b[:4], *s.size, cfg.num_bins) if b[0] >= 0 else None)
-    return preds
+    boxes = torch.cat([model.predict_boxes(images[i: i + batch_size].to(device).float()).cpu()
+                       for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
+    return [(b * torch.tensor(s.size * 2)).tolist() for b, s in zip(boxes, samples)]
 
 
 def mean_box_preds(train_boxes, samples):
@@ -265,7 +264,7 @@ def main(argv=None):
         n_images=n_img, fusion=args.fusion, prompt_chunks=data.prompt_chunks(tokenizer, n_slots, args.template),
         num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loc_sigma=args.loc_sigma, box_head=args.box_head,
     )
     model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)
     model.freeze(vit=args.freeze_vit, qformer=args.freeze_qformer, llm=args.freeze_llm)
@@ -333,7 +332,7 @@ def main(argv=None):
         evaluated_at = step
         if master:
             t = time.time()
-            preds = predict(model, va_images, val_samples, cfg, device, autocast=autocast)
+            preds = predict(model, va_images, val_samples, device, autocast)
             s = data.score_boxes(preds, val_samples)
             m = dict(step=step, **{k: round(v, 4) for k, v in s.items()}, **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()})
             metrics.append(m)
@@ -373,7 +372,7 @@ def main(argv=None):
             if ddp:
                 train_model.require_backward_grad_sync = k == args.grad_accum - 1
             with autocast():
-                loss = train_model(images[sl], answer[sl], mask[sl]) / args.grad_accum
+                loss = train_model(images[sl], answer[sl], mask[sl], boxes[sl, 0]) / args.grad_accum
             loss.backward()
             loss_acc += loss.detach()
         if args.grad_clip > 0:

@@ -1,13 +1,14 @@
 """Tests for model.py: LLaMA parity with Hugging Face, strict loading, KV cache, the spliced model."""
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import LLaMA, LLaMAConfig
+from model import LLaMA, LLaMAConfig, generalized_iou
 
 
 def rel_err(a, b):
@@ -330,7 +331,7 @@ def test_lora_merged_equals_unmerged():
         assert torch.equal(m.generate(images), gen)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=2, fusion="early"), dict(tie=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=2, fusion="early"), dict(tie=True), dict(box_head="regress")])
 def test_save_load_round_trip(tmp_path, kw):
     tie = kw.pop("tie", False)
     cfg = tiny_cfg(**kw)
@@ -350,6 +351,65 @@ def test_save_load_round_trip(tmp_path, kw):
     with torch.no_grad():
         assert torch.equal(r(images, answer, mask), m(images, answer, mask))
     assert torch.equal(r.generate(images), m.generate(images))
+    assert torch.equal(r.predict_boxes(images), m.predict_boxes(images))
+
+
+def test_loc_smoothing_loss_by_hand():
+    images, answer, mask = batch()
+    m = tiny_model(loc_sigma=1.5)
+    with torch.no_grad():
+        loss = m(images, answer, mask)
+        x = m.splice_images(m.encode_images(images), m.llm.tok_embeddings(answer))
+        logp = m.llm.logits(m.llm(x, torch.arange(x.shape[1]))).log_softmax(-1)
+        P, terms = m.prompt_len, []
+        for b in range(2):
+            for j in range(answer.shape[1]):
+                if not mask[b, j]:
+                    continue
+                t, lp = answer[b, j].item(), logp[b, P - 1 + j]
+                if LOC0 <= t < LOC0 + BINS:  # a Gaussian over the bins around the true one
+                    w = torch.tensor([math.exp(-0.5 * ((k - (t - LOC0)) / 1.5) ** 2) for k in range(BINS)])
+                    terms.append(-(w / w.sum() * lp[LOC0:LOC0 + BINS]).sum())
+                else:
+                    terms.append(-lp[t])
+        assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+        # a very narrow Gaussian is the one-hot cross-entropy
+        sharp = tiny_model(loc_sigma=1e-3)
+        assert torch.allclose(sharp(images, answer, mask), tiny_model()(images, answer, mask), atol=1e-6)
+
+
+def test_generalized_iou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
+    # 1: inter 1, union 7, hull 9 -> 1/7 - 2/9; 2: apart, union 2, hull 3 -> -1/3; 3: same box, corners swapped -> 1
+    torch.testing.assert_close(generalized_iou(a, b), torch.tensor([1 / 7 - 2 / 9, -1 / 3, 1.0]))
+
+
+def test_regress_head_trains_and_answers():
+    images, answer, mask = batch()
+    m = tiny_model(box_head="regress").train()
+    target = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8]])
+    token_loss = MiniGPT.forward(tiny_model(), images, answer, mask)  # same seed, same weights
+    loss = m(images, answer, mask, target)
+    with torch.no_grad():
+        x = m.splice_images(m.encode_images(images))
+        pred = m.box_mlp(m.llm(x, torch.arange(x.shape[1]))[:, -1]).sigmoid()  # the hidden state at <box>
+    extra = (pred - target).abs().mean() + (1 - generalized_iou(pred, target)).mean()
+    assert torch.allclose(loss, token_loss + extra, atol=1e-5)
+    loss.backward()
+    assert m.box_mlp[0].weight.grad.abs().sum() > 0 and m.vit.patch_embed.weight.grad.abs().sum() > 0
+    boxes = m.eval().predict_boxes(images)
+    assert boxes.shape == (2, 4) and (boxes[:, :2] <= boxes[:, 2:]).all() and ((0 <= boxes) & (boxes <= 1)).all()
+    assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
+
+
+def test_predict_boxes_reads_the_first_answered_box():
+    m = tiny_model()
+    images, _, _ = batch()
+    bins = m.generate(images)[:, :4].float()
+    expect = (bins + 0.5) / BINS
+    expect = torch.cat([torch.minimum(expect[:, :2], expect[:, 2:]), torch.maximum(expect[:, :2], expect[:, 2:])], 1)
+    torch.testing.assert_close(m.predict_boxes(images), expect)
 
 
 def test_config_json_round_trip():
