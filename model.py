@@ -545,6 +545,7 @@ class MiniGPT(nn.Module):
         logp = logits.log_softmax(-1)  # (B, L, V)
         k = answer - c.loc_start  # (B, L): the true bin where the token is a location
         is_loc = (k >= 0) & (k < c.num_bins)
+        k = k.clamp(0, c.num_bins - 1)  # elsewhere unused, but kept finite: 0/0 there would poison the gradient
         bins = torch.arange(c.num_bins, device=answer.device)
         soft = torch.exp(-0.5 * ((bins - k[..., None]) / c.loc_sigma) ** 2)  # (B, L, bins)
         soft = soft / soft.sum(-1, keepdim=True)

@@ -376,6 +376,8 @@ def test_loc_smoothing_loss_by_hand():
         # a very narrow Gaussian is the one-hot cross-entropy
         sharp = tiny_model(loc_sigma=1e-3)
         assert torch.allclose(sharp(images, answer, mask), tiny_model()(images, answer, mask), atol=1e-6)
+    m(images, answer, mask).backward()  # non-location targets must not put NaN into the gradient
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
 def test_generalized_iou_by_hand():
