@@ -90,16 +90,19 @@ def main(argv=None):
             sys.exit(f"got {len(args.images)} images, but the checkpoint {ckpt} expects {len(modalities)}, "
                      f"one per modality in this order: {', '.join(modalities)}")
         samples = [data.sample_from_images(args.images)]
-    else:
-        path = args.data or meta["args"].get("val") or meta["args"].get("data")
-        if not path or not Path(path).exists():
-            sys.exit("nothing to answer: give --images or --data (the checkpoint's own data is not at hand)")
-        file_mods, samples = data.read_summary(path, box_format=meta["box_format"] if not args.data else (args.box_format or "corners"),
-                                               require_boxes=False)
+    elif args.data:
+        file_mods, samples = data.read_summary(args.data, box_format=box_format, require_boxes=False)
         if file_mods != modalities:
-            sys.exit(f"{path}: modalities {file_mods} differ from the checkpoint's {modalities}")
-        if not args.data:  # the embedded demo: a few rows of the training run's own data
-            samples = samples[-4:]
+            sys.exit(f"{args.data}: modalities {file_mods} differ from the checkpoint's {modalities}")
+    else:  # the embedded demo: a few validation rows of the data the checkpoint was trained on
+        train_args = meta["args"]
+        path = train_args["val"] or train_args["data"]
+        if not Path(path).exists():
+            sys.exit(f"nothing to answer: give --images or --data (the training data {path} is not at hand)")
+        _, samples = data.read_summary(path, box_format=meta["box_format"])
+        if not train_args["val"]:
+            samples = data.split_by_patient(samples, train_args["val_fraction"], train_args["seed"])[1]
+        samples = samples[:4]
 
     preds = predict(model, samples, meta, args.device)
     lines = []

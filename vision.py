@@ -53,6 +53,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     channels: int = 3
     patch_bias: bool = True  # CLIP's patch embedding has no bias
+    stem: str = "patch"  # "patch": one conv of stride patch_size (pretrained layouts); "conv": a small conv stem (from scratch)
 
     @property
     def grid(self) -> int:
@@ -154,6 +155,19 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], class_token: bool
 # ViT
 
 
+def sincos_2d(grid: int, dim: int):
+    """(grid*grid, dim) fixed 2-D position code: half the channels encode the row, half the column,
+    each as sines and cosines of geometrically spaced frequencies (Vaswani et al. 2017, per axis)."""
+    assert dim % 4 == 0, "2-D sine-cosine positions need a width divisible by 4"
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float32)
+    ang = pos[:, None] * freq[None]  # (grid, dim/4)
+    axis = torch.cat([ang.sin(), ang.cos()], 1)  # (grid, dim/2)
+    rows = axis[:, None, :].expand(grid, grid, -1)  # row code, the same along a row
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], -1).reshape(grid * grid, dim)
+
+
 class ViT(nn.Module):
     """Vision transformer; returns all tokens (B, [1 +] grid*grid, width), class token first if any.
 
@@ -166,7 +180,19 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, D = cfg.channels, cfg.width
-        self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            # Xiao et al. 2021, "Early convolutions help transformers see better": 3x3 stride-2 convs down
+            # to the patch grid, then a 1x1 conv to the width. Trains faster from scratch on little data.
+            n = int(math.log2(cfg.patch_size))
+            assert 2**n == cfg.patch_size and n >= 1, "the conv stem needs a power-of-two patch size"
+            chans = [C] + [max(D >> (n - i), 16) for i in range(n)]  # ..., D/4, D/2
+            layers = []
+            for a, b in zip(chans[:-1], chans[1:]):
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GELU()]
+            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], D, 1))
+        else:
+            assert cfg.stem == "patch", cfg.stem
+            self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.class_token) + cfg.grid**2, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -175,15 +201,28 @@ class ViT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """From-scratch init: Linear/conv weights and embeddings N(0, 0.02), biases 0, LayerNorms 1/0."""
+        """From-scratch init: Linear/conv weights and the class token N(0, 0.02), biases 0, LayerNorms
+        1/0; position embeddings start as 2-D sine-cosine (MAE, He et al. 2021), so every patch knows
+        where it is from the first step (they still train)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for p in (self.cls_token, self.pos_embed):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        with torch.no_grad():
+            self.pos_embed.zero_()
+            self.pos_embed[0, int(self.cls_token is not None):] = sincos_2d(self.cfg.grid, self.cfg.width)
+
+    def stem_flops(self) -> int:
+        """Forward FLOPs of patch_embed for one image (2 per multiply-add), for MFU."""
+        convs = [m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)]
+        side, total = self.cfg.image_size, 0
+        for m in convs:
+            side //= m.stride[0]
+            total += 2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        return total
 
     def forward(self, x):
         B, _, H, W = x.shape

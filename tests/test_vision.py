@@ -2,6 +2,7 @@
 checkpoints saved as whole models, strict loading errors, position-embedding interpolation, shards."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -364,3 +365,45 @@ def test_position_grid_disagreeing_with_config_is_a_shape_error(blip2, tmp_path)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"position_embedding \(1, 17, 32\) -> pos_embed expects \(1, 26, 32\)"):
         ViT.from_pretrained(bad)
+
+
+def test_sincos_positions_by_hand():
+    from vision import sincos_2d
+
+    pe = sincos_2d(4, 8)  # (16, 8): channels 0-1 sin/cos of the row (freqs 1, 0.01), 2-3 cos; 4-7 the column
+    assert pe.shape == (16, 8)
+    r, c = 1, 2
+    expect = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
+              math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    torch.testing.assert_close(pe[r * 4 + c], torch.tensor(expect))
+    assert len({tuple(v) for v in pe.tolist()}) == 16  # every patch position has its own code
+    # a from-scratch ViT starts with these codes (class token slot zero)
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=8, depth=1, heads=2, mlp_dim=16))
+    torch.testing.assert_close(vit.pos_embed[0, 1:], sincos_2d(4, 8))
+    assert vit.pos_embed[0, 0].abs().sum() == 0
+
+
+def test_conv_stem_keeps_the_patch_grid():
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem="conv")
+    vit = ViT(cfg)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = vit(x)
+    assert out.shape == (2, 1 + 16, 32)
+    # locality: a pixel change in one patch's corner moves only nearby patches' stem features
+    feats = vit.patch_embed(x).detach()
+    y = x.detach().clone()
+    y[:, :, 0, 0] += 10
+    changed = (vit.patch_embed(y).detach() - feats).abs().sum((0, 1)) > 0  # (4, 4) grid
+    assert changed[0, 0] and not changed[1:, :].any() and not changed[:, 1:].any()
+    out.sum().backward()
+    assert all(p.grad is not None for p in vit.patch_embed.parameters())
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stem_flops_by_hand(stem):
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem=stem))
+    if stem == "patch":  # one 8x8 conv, stride 8: 16 positions x 3*64 inputs x 32 outputs
+        expect = 2 * 16 * 3 * 64 * 32
+    else:  # 3x3 stride-2 convs 3->16 (16x16), 16->16 (8x8), 16->16 (4x4), then 1x1 16->32 (4x4)
+        expect = 2 * (256 * 3 * 16 * 9 + 64 * 16 * 16 * 9 + 16 * 16 * 16 * 9 + 16 * 16 * 32)
+    assert vit.stem_flops() == expect
