@@ -34,14 +34,14 @@ CPU_RECIPE = dict(
     image_size=64, patch_size=8, vit_stem="conv", vit_width=128, vit_depth=4, vit_heads=4,
     num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
     dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-    num_bins=64, loc_sigma=1.0, batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
+    num_bins=64, loc_sigma=1.0, box_head="regress", batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
     compile=False, bf16=False,
 )
 GPU_RECIPE = dict(
     image_size=128, patch_size=8, vit_stem="conv", vit_width=384, vit_depth=8, vit_heads=6,
     num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
     dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-    num_bins=128, loc_sigma=1.0, batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
+    num_bins=128, loc_sigma=1.0, box_head="regress", batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
     compile=True, bf16=True,
 )
 
@@ -79,9 +79,9 @@ def get_args(argv=None):
         g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
     g.add_argument("--vit-stem", choices=["patch", "conv"],
                    help="from-scratch ViT: patch (one strided conv, as pretrained ViTs) or conv (a small conv stem; default: recipe)")
-    g.add_argument("--box-head", choices=["tokens", "regress"], default="tokens",
-                   help="tokens: the box is read from the answered location tokens (default); regress: the original blog's "
-                        "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead")
+    g.add_argument("--box-head", choices=["tokens", "regress"],
+                   help="tokens: the box is read from the answered location tokens; regress: the original blog's "
+                        "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead (default: recipe)")
     g.add_argument("--loc-sigma", type=float, help="label smoothing over neighbouring location bins, Gaussian std in bins (default: recipe)")
     g.add_argument("--freeze-vit", action="store_true", help="do not train the ViT")
     g.add_argument("--freeze-qformer", action="store_true", help="do not train the Q-Former (its output Linear still trains)")

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+from model import MiniGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny model: every size flag set, so the CPU recipe's sizes do not apply. A test overrides a flag by
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--patch-size", "8", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
         "--num-query", "4", "--qformer-width", "32", "--qformer-depth", "1", "--qformer-heads", "2",
         "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--num-bins", "64",
-        "--batch-size", "8", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu", "--no-augment"]
+        "--batch-size", "8", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu", "--no-augment",
+        "--box-head", "tokens"]
 
 
 def run(script, *args, ok=True, env_extra=None, runner=None):
@@ -139,7 +141,14 @@ def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo
     run("train.py", *common, "--out", tmp_path / "one", "--batch-size", 8)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run("train.py", *common, "--out", tmp_path / "two", "--batch-size", 4, runner=torchrun)
-    one = load_file(tmp_path / "one" / "ckpt" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "ckpt" / "model.safetensors")
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
+    # Compare what the models compute, not raw parameters: a key bias has a zero gradient in exact
+    # arithmetic (softmax ignores it), and Adam turns the rounding noise there into full-size steps.
+    one, two = (MiniGPT.from_checkpoint(tmp_path / r / "ckpt").eval() for r in ("one", "two"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 4, 3, 32, 32, generator=g)
+    answer = one.cfg.loc_start + torch.randint(0, one.cfg.num_bins, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(two(images, answer, mask), one(images, answer, mask), rtol=1e-4, atol=1e-5)
+        h1, h2 = (m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len)) for m in (one, two))
+        torch.testing.assert_close(h2, h1, rtol=1e-3, atol=1e-4)

@@ -407,3 +407,15 @@ def test_stem_flops_by_hand(stem):
     else:  # 3x3 stride-2 convs 3->16 (16x16), 16->16 (8x8), 16->16 (4x4), then 1x1 16->32 (4x4)
         expect = 2 * (256 * 3 * 16 * 9 + 64 * 16 * 16 * 9 + 16 * 16 * 16 * 9 + 16 * 16 * 32)
     assert vit.stem_flops() == expect
+
+
+def test_from_scratch_qformer_hears_the_image():
+    # In post-norm layers the image enters as x + cross(x, img). With BERT's fixed std 0.02 at a small
+    # width, cross() starts ~1% of x and training stalls; the width-scaled init keeps it a sizeable share.
+    torch.manual_seed(0)
+    qf = QFormer(QFormerConfig(num_query=4, width=32, depth=1, heads=2, mlp_dim=64, cross_every=1, vision_width=32, out_dim=32))
+    img = torch.nn.functional.layer_norm(torch.randn(2, 17, 32), (32,))  # like a ViT's normed tokens
+    x = qf.norm_in(qf.query.expand(2, -1, -1))
+    with torch.no_grad():
+        ratio = qf.layers[0].cross(x, img).norm() / x.norm()
+    assert ratio > 0.1, ratio
