@@ -568,7 +568,7 @@ class MiniGPT(nn.Module):
         adapters (small) and a frozen Q-Former after a trained ViT (not a setup we use)."""
         c, v, q = self.cfg, self.cfg.vit, self.cfg.qformer
         N, T = c.n_images, v.grid ** 2 + int(v.class_token)
-        patch = N * self.vit.stem_flops()
+        patch = N * 2 * v.grid ** 2 * v.channels * v.patch_size ** 2 * v.width
         vit = N * v.depth * (2 * T * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * T * T * v.width)
         passes, Tk = (1, N * T) if c.fusion == "early" else (N, T)  # Q-Former passes, image tokens each reads
         Q, w = q.num_query, q.width

@@ -31,14 +31,14 @@ from vision import QFormerConfig, ViTConfig
 # Recipes: the defaults of every size and schedule knob, per kind of device. A flag given on the
 # command line wins. The CPU recipe trains in minutes on 2 cores; the GPU recipe fills an H200-class GPU.
 CPU_RECIPE = dict(
-    image_size=64, patch_size=8, vit_stem="conv", vit_width=128, vit_depth=4, vit_heads=4,
+    image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
     num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
     dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
     num_bins=64, loc_sigma=1.0, box_head="regress", batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
     compile=False, bf16=False,
 )
 GPU_RECIPE = dict(
-    image_size=128, patch_size=8, vit_stem="conv", vit_width=384, vit_depth=8, vit_heads=6,
+    image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
     num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
     dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
     num_bins=128, loc_sigma=1.0, box_head="regress", batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
@@ -77,8 +77,6 @@ def get_args(argv=None):
                         ("n-kv-heads", "LLM key/value heads (grouped-query attention)"),
                         ("num-bins", "location bins per coordinate")]:
         g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
-    g.add_argument("--vit-stem", choices=["patch", "conv"],
-                   help="from-scratch ViT: patch (one strided conv, as pretrained ViTs) or conv (a small conv stem; default: recipe)")
     g.add_argument("--box-head", choices=["tokens", "regress"],
                    help="tokens: the box is read from the answered location tokens; regress: the original blog's "
                         "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead (default: recipe)")
@@ -256,7 +254,7 @@ def main(argv=None):
     n_slots = 1 if args.fusion == "early" else n_img
     cfg = MiniGPTConfig(
         vit=ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                      depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width, stem=args.vit_stem),
+                      depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width),
         qformer=QFormerConfig(num_query=args.num_query, width=args.qformer_width, depth=args.qformer_depth,
                               heads=args.qformer_heads, mlp_dim=4 * args.qformer_width, cross_every=args.cross_every,
                               vision_width=args.vit_width, out_dim=args.dim),

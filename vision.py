@@ -53,7 +53,6 @@ class ViTConfig:
     norm_eps: float = 1e-6
     channels: int = 3
     patch_bias: bool = True  # CLIP's patch embedding has no bias
-    stem: str = "patch"  # "patch": one conv of stride patch_size (pretrained layouts); "conv": a small conv stem (from scratch)
 
     @property
     def grid(self) -> int:
@@ -180,19 +179,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, D = cfg.channels, cfg.width
-        if cfg.stem == "conv":
-            # Xiao et al. 2021, "Early convolutions help transformers see better": 3x3 stride-2 convs down
-            # to the patch grid, then a 1x1 conv to the width. Trains faster from scratch on little data.
-            n = int(math.log2(cfg.patch_size))
-            assert 2**n == cfg.patch_size and n >= 1, "the conv stem needs a power-of-two patch size"
-            chans = [C] + [max(D >> (n - i), 16) for i in range(n)]  # ..., D/4, D/2
-            layers = []
-            for a, b in zip(chans[:-1], chans[1:]):
-                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GELU()]
-            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], D, 1))
-        else:
-            assert cfg.stem == "patch", cfg.stem
-            self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.class_token) + cfg.grid**2, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -214,15 +201,6 @@ class ViT(nn.Module):
         with torch.no_grad():
             self.pos_embed.zero_()
             self.pos_embed[0, int(self.cls_token is not None):] = sincos_2d(self.cfg.grid, self.cfg.width)
-
-    def stem_flops(self) -> int:
-        """Forward FLOPs of patch_embed for one image (2 per multiply-add), for MFU."""
-        convs = [m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)]
-        side, total = self.cfg.image_size, 0
-        for m in convs:
-            side //= m.stride[0]
-            total += 2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-        return total
 
     def forward(self, x):
         B, _, H, W = x.shape

@@ -383,32 +383,6 @@ def test_sincos_positions_by_hand():
     assert vit.pos_embed[0, 0].abs().sum() == 0
 
 
-def test_conv_stem_keeps_the_patch_grid():
-    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem="conv")
-    vit = ViT(cfg)
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    out = vit(x)
-    assert out.shape == (2, 1 + 16, 32)
-    # locality: a pixel change in one patch's corner moves only nearby patches' stem features
-    feats = vit.patch_embed(x).detach()
-    y = x.detach().clone()
-    y[:, :, 0, 0] += 10
-    changed = (vit.patch_embed(y).detach() - feats).abs().sum((0, 1)) > 0  # (4, 4) grid
-    assert changed[0, 0] and not changed[1:, :].any() and not changed[:, 1:].any()
-    out.sum().backward()
-    assert all(p.grad is not None for p in vit.patch_embed.parameters())
-
-
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_stem_flops_by_hand(stem):
-    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem=stem))
-    if stem == "patch":  # one 8x8 conv, stride 8: 16 positions x 3*64 inputs x 32 outputs
-        expect = 2 * 16 * 3 * 64 * 32
-    else:  # 3x3 stride-2 convs 3->16 (16x16), 16->16 (8x8), 16->16 (4x4), then 1x1 16->32 (4x4)
-        expect = 2 * (256 * 3 * 16 * 9 + 64 * 16 * 16 * 9 + 16 * 16 * 16 * 9 + 16 * 16 * 32)
-    assert vit.stem_flops() == expect
-
-
 def test_from_scratch_qformer_hears_the_image():
     # In post-norm layers the image enters as x + cross(x, img). With BERT's fixed std 0.02 at a small
     # width, cross() starts ~1% of x and training stalls; the width-scaled init keeps it a sizeable share.
