@@ -130,14 +130,10 @@ def get_args(argv=None):
 
 def batch_indices(step, batch_size, n, seed, rank=0, world=1):
     """The sample indices of one step: a fixed function of the step, so a resumed run sees the same data."""
-    total = batch_size * world
-    start = step * total
-    idx = []
-    for p in range(start + rank * batch_size, start + (rank + 1) * batch_size):
-        epoch, pos = divmod(p, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        idx.append(perm[pos].item())
-    return torch.tensor(idx)
+    first = step * batch_size * world + rank * batch_size  # this process's place in the stream of all samples
+    epoch, pos = torch.arange(first, first + batch_size).div(n, rounding_mode="floor"), torch.arange(first, first + batch_size) % n
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e)) for e in epoch.unique().tolist()}
+    return torch.stack([perms[e][p] for e, p in zip(epoch.tolist(), pos.tolist())])  # (batch_size,)
 
 
 # -----------------------------------------------------------------------------
@@ -147,8 +143,9 @@ def batch_indices(step, batch_size, n, seed, rank=0, world=1):
 def predict(model, images, samples, device, autocast, batch_size=64):
     """-> one predicted box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
     model.eval()
-    boxes = torch.cat([model.predict_boxes(images[i: i + batch_size].to(device).float()).cpu()
-                       for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
+    with autocast():
+        boxes = torch.cat([model.predict_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
+                           for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
     return [(b * torch.tensor(s.size * 2)).tolist() for b, s in zip(boxes, samples)]
 
 
@@ -221,6 +218,8 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         ckpt = out / "ckpt"
+        if not ckpt.exists() and (out / "ckpt.old").exists():  # a crash between save_checkpoint's two renames
+            (out / "ckpt.old").rename(ckpt)
         if not (ckpt / "train_state.pt").exists():
             sys.exit(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
         resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
