@@ -211,9 +211,9 @@ def box_iou(a, b):
 
 
 def score_boxes(preds, samples):
-    """One predicted box (or None) per sample, each scored against its best-matching true box ->
+    """One predicted box per sample, each scored against its best-matching true box ->
     mean IoU and accuracy at IoU >= 0.5 and >= 0.75."""
-    ious = [max(box_iou(p, t) for t in s.boxes) if p is not None else 0.0 for p, s in zip(preds, samples)]
+    ious = [max(box_iou(p, t) for t in s.boxes) for p, s in zip(preds, samples)]
     n = max(len(ious), 1)
     return dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n)
 

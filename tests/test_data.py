@@ -294,7 +294,7 @@ def test_sample_from_images_and_score(ds, tmp_path):
     half = [10, 5, 20, 20]                          # IoU 0.5 exactly
     sc = data.score_boxes([[10, 5, 30, 20], half], samples + samples)
     assert sc == dict(miou=0.75, acc50=1.0, acc75=0.5)
-    assert data.score_boxes([None], samples[:1])["miou"] == 0.0
+    assert data.score_boxes([[30, 20, 40, 30]], samples[:1])["miou"] == 0.0  # no overlap
 
 
 def test_case_id():
