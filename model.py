@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from vision import CheckpointError, QFormer, QFormerConfig, ViT, ViTConfig, load_mapped, load_safetensors, safetensors_index
 
@@ -166,6 +167,7 @@ class LLaMA(nn.Module):
     def __init__(self, cfg: LLaMAConfig):
         super().__init__()
         self.config = cfg
+        self.grad_checkpoint = False  # activation checkpointing per block while training (large shapes)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -208,7 +210,11 @@ class LLaMA(nn.Module):
             assert self.causal_mask is not None, "call setup_cache() first"
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, max_len)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute its inside during backward (memory for compute)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, input_pos, mask)
         return self.norm(x)
 
     def logits(self, h):

@@ -81,6 +81,8 @@ def get_args(argv=None):
                    help="tokens: the box is read from the answered location tokens; regress: the original blog's "
                         "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead (default: recipe)")
     g.add_argument("--loc-sigma", type=float, help="label smoothing over neighbouring location bins, Gaussian std in bins (default: recipe)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing of the LLM's blocks: less memory, one more forward per step (large shapes)")
     g.add_argument("--freeze-vit", action="store_true", help="do not train the ViT")
     g.add_argument("--freeze-qformer", action="store_true", help="do not train the Q-Former (its output Linear still trains)")
     g.add_argument("--freeze-llm", action="store_true", help="do not train the LLM (LoRA adapters, if any, still train)")
@@ -267,6 +269,7 @@ def main(argv=None):
     )
     model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)
     model.freeze(vit=args.freeze_vit, qformer=args.freeze_qformer, llm=args.freeze_llm)
+    model.llm.grad_checkpoint = args.grad_checkpoint
     cfg = model.cfg  # loading pretrained parts fills in their sizes
     model.to(device)
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN), std=list(data.CLIP_STD),

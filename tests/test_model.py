@@ -513,3 +513,21 @@ def test_build_with_pretrained_blip2_and_llama(tmp_path):
     m.save_pretrained(tmp_path / "ckpt")
     r = MiniGPT.from_checkpoint(tmp_path / "ckpt").eval()
     assert torch.equal(r.generate(images), m.generate(images))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
+    images, answer, mask = batch()
+    calls, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model().train()
+        m.llm.grad_checkpoint = ckpt
+        loss = m(images, answer, mask)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert len(calls) == 2  # one per block of the checkpointed run, none in the plain one
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
