@@ -121,6 +121,9 @@ def get_args(argv=None):
     recipe = dict(GPU_RECIPE if args.device.startswith("cuda") else CPU_RECIPE)
     if args.max_steps:  # a step count given alone is not also cut by the recipe's clock
         recipe.pop("max_minutes")
+    if args.vision:  # a pretrained ViT brings its own sizes and, unless --image-size says otherwise, its image size
+        for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads"):
+            recipe.pop(k)
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -254,11 +257,13 @@ def main(argv=None):
     # ---- model
     n_slots = 1 if args.fusion == "early" else n_img
     cfg = MiniGPTConfig(
-        vit=ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                      depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width),
+        # with --vision, MiniGPT.build replaces the ViT's config by the checkpoint's (image_size None: its own)
+        vit=ViTConfig(image_size=args.image_size) if args.vision else
+        ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
+                  depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width),
         qformer=QFormerConfig(num_query=args.num_query, width=args.qformer_width, depth=args.qformer_depth,
                               heads=args.qformer_heads, mlp_dim=4 * args.qformer_width, cross_every=args.cross_every,
-                              vision_width=args.vit_width, out_dim=args.dim),
+                              vision_width=args.vit_width or 0, out_dim=args.dim),
         llm=LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                         n_kv_heads=args.n_kv_heads, hidden_dim=int(8 / 3 * args.dim / 32 + 1) * 32,
                         max_seq_len=1024, tie_embeddings=True),

@@ -152,3 +152,47 @@ def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo
         torch.testing.assert_close(two(images, answer, mask), one(images, answer, mask), rtol=1e-4, atol=1e-5)
         h1, h2 = (m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len)) for m in (one, two))
         torch.testing.assert_close(h2, h1, rtol=1e-3, atol=1e-4)
+
+
+def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo):
+    """MiniGPT-4's shape end to end: --vision a BLIP-2 folder, --llm a LLaMA folder with its own
+    sentencepiece tokenizer.model (our tokens appended after its vocabulary), Vicuna's template."""
+    import io
+
+    import sentencepiece as spm
+    transformers = pytest.importorskip("transformers")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50), model_writer=buf,
+        model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    torch.manual_seed(0)
+    llm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=sp.get_piece_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    llm.save_pretrained(tmp_path / "llm")
+    (tmp_path / "llm" / "tokenizer.model").write_bytes(buf.getvalue())
+    blip = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        qformer_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            cross_attention_frequency=1, encoder_hidden_size=24, vocab_size=50, max_position_embeddings=16),
+        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                         vocab_size=50, word_embed_proj_dim=32, max_position_embeddings=64),
+        num_query_tokens=3))
+    blip.save_pretrained(tmp_path / "blip2")
+    out = tmp_path / "run"
+    r = run("train.py", "--data", demo, "--out", out, "--vision", tmp_path / "blip2", "--llm", tmp_path / "llm",
+            "--template", "vicuna", "--freeze-vit", "--freeze-qformer", "--lora-rank", 2, "--max-steps", 3,
+            "--eval-every", 3, "--batch-size", 4, "--log-every", 1, "--device", "cpu", "--num-bins", 16)
+    assert "4 slot(s) x 3 image tokens" in r.stdout
+    config = json.loads((out / "ckpt" / "config.json").read_text())
+    assert (config["vit"]["width"], config["vit"]["image_size"], config["qformer"]["width"], config["llm"]["dim"]) == (24, 16, 16, 32)
+    assert config["llm"]["vocab_size"] == sp.get_piece_size() + len(data.special_tokens(16))
+    assert config["meta"]["template"] == "vicuna" and config["lora_rank"] == 2
+    tok = data.Tokenizer(out / "ckpt" / "tokenizer.model", 16)
+    assert "###Human:" in tok.decode(config["prompt_chunks"][0])
+    _, samples = data.read_summary(demo)
+    answer = json.loads(run("sample.py", "--ckpt", out, "--images", *samples[0].paths).stdout.strip().splitlines()[-1])
+    assert len(answer["box"][0]) == 4 and answer["size"] == list(samples[0].size)
