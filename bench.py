@@ -22,15 +22,12 @@ implementation: the frozen ViT in bf16 under no_grad, bf16 autocast, fused AdamW
 
 import argparse
 import json
-import math
 import resource
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 from model import LLAMA_HF_NAMES, LLaMAConfig, MiniGPT, MiniGPTConfig

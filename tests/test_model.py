@@ -484,23 +484,10 @@ def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
     assert m.flops_per_sample(train=False) == counter.get_total_flops()
 
 
-def test_build_with_pretrained_blip2_and_llama(tmp_path):
+def test_build_with_pretrained_blip2_and_llama(tmp_path, tiny_blip2):
     """MiniGPT-4's own setup: BLIP-2's ViT and Q-Former (its projection fits the LLM width) and a LLaMA."""
-    transformers = pytest.importorskip("transformers")
     hf_llama(tmp_path / "llm", tied=False)
-    torch.manual_seed(0)
-    blip = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                            cross_attention_frequency=1, encoder_hidden_size=24, vocab_size=50, max_position_embeddings=16),
-        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                         vocab_size=50, word_embed_proj_dim=32, max_position_embeddings=64),
-        num_query_tokens=3)).eval()
-    with torch.no_grad():
-        for p in blip.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    blip.save_pretrained(tmp_path / "blip2")
+    blip = tiny_blip2(tmp_path / "blip2", perturb=0.2)
     cfg = tiny_cfg()
     cfg.llm = LLaMAConfig(vocab_size=100)
     m = MiniGPT.build(cfg, vision_folder=tmp_path / "blip2", llm_folder=tmp_path / "llm").eval()

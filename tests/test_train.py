@@ -154,7 +154,7 @@ def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo
         torch.testing.assert_close(h2, h1, rtol=1e-3, atol=1e-4)
 
 
-def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo):
+def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo, tiny_blip2):
     """MiniGPT-4's shape end to end: --vision a BLIP-2 folder, --llm a LLaMA folder with its own
     sentencepiece tokenizer.model (our tokens appended after its vocabulary), Vicuna's template."""
     import io
@@ -173,15 +173,7 @@ def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
     llm.save_pretrained(tmp_path / "llm")
     (tmp_path / "llm" / "tokenizer.model").write_bytes(buf.getvalue())
-    blip = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        qformer_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                            cross_attention_frequency=1, encoder_hidden_size=24, vocab_size=50, max_position_embeddings=16),
-        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                         vocab_size=50, word_embed_proj_dim=32, max_position_embeddings=64),
-        num_query_tokens=3))
-    blip.save_pretrained(tmp_path / "blip2")
+    tiny_blip2(tmp_path / "blip2")
     out = tmp_path / "run"
     r = run("train.py", "--data", demo, "--out", out, "--vision", tmp_path / "blip2", "--llm", tmp_path / "llm",
             "--template", "vicuna", "--freeze-vit", "--freeze-qformer", "--lora-rank", 2, "--max-steps", 3,
