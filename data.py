@@ -193,6 +193,13 @@ def box_to_bins(box_xyxy, W, H, bins):
     return [q(x0, W), q(y0, H), q(x1, W), q(y1, H)]
 
 
+def to_pixels(box, size):
+    """Normalised [x0, y0, x1, y1] (a list or a tensor) -> pixel box of an image of size (W, H)."""
+    W, H = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 * W, y0 * H, x1 * W, y1 * H]
+
+
 def bins_to_box(b, W, H, bins):
     """Bins -> pixel box at the bin centres. Worst-case error per coordinate: W / (2 * bins) in x,
     H / (2 * bins) in y (a coordinate anywhere in a bin is at most half a bin from its centre)."""

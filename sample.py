@@ -48,7 +48,7 @@ def predict(model, samples, meta, device, batch_size=32):
         chunk = samples[i: i + batch_size]
         x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk]).to(device)
         boxes = model.predict_boxes(x).cpu()  # (b, 4) normalised
-        preds += [(b * torch.tensor(s.size * 2)).tolist() for b, s in zip(boxes, chunk)]
+        preds += [data.to_pixels(b, s.size) for b, s in zip(boxes, chunk)]
     return preds
 
 

@@ -150,13 +150,13 @@ def predict(model, images, samples, device, autocast, batch_size=64):
     with autocast():
         boxes = torch.cat([model.predict_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
                            for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
-    return [(b * torch.tensor(s.size * 2)).tolist() for b, s in zip(boxes, samples)]
+    return [data.to_pixels(b, s.size) for b, s in zip(boxes, samples)]
 
 
 def mean_box_preds(train_boxes, samples):
     """The baseline a model must beat: always answer the mean training box (scaled to each image)."""
-    m = train_boxes[:, 0].mean(0).tolist()
-    return [[m[0] * s.size[0], m[1] * s.size[1], m[2] * s.size[0], m[3] * s.size[1]] for s in samples]
+    m = train_boxes[:, 0].mean(0)
+    return [data.to_pixels(m, s.size) for s in samples]
 
 
 # -----------------------------------------------------------------------------

@@ -133,6 +133,11 @@ def test_box_bins_round_trip_worst_case():
     assert worst[0] > 0.95 * W / (2 * bins)  # the bound is reached, so it is the worst case
 
 
+def test_to_pixels():
+    assert data.to_pixels([0.25, 0.5, 0.75, 1.0], (40, 30)) == [10.0, 15.0, 30.0, 30.0]
+    assert data.to_pixels(torch.tensor([0.0, 0.1, 0.5, 0.2]), (10, 20)) == pytest.approx([0.0, 2.0, 5.0, 4.0])
+
+
 def test_box_iou():
     assert data.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert math.isclose(data.box_iou([0, 0, 10, 10], [5, 0, 15, 10]), 50 / 150)
