@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import math
+import os
 import random
 import re
 import struct
@@ -100,7 +101,8 @@ def read_summary(path, box_format="corners", require_boxes=True, check_images=Tr
             raise DataError(f"{where}: no 'box' key")
         else:
             boxes = []
-        samples.append(Sample(paths, boxes, (W, H), line, row, case_id(paths[0])))
+        case = next((str(row[k]) for k in CASE_KEYS if k in row), None) or case_id(*paths)
+        samples.append(Sample(paths, boxes, (W, H), line, row, case))
     if not samples:
         raise DataError(f"{path}: empty file (no JSON rows)")
     return modalities, samples
@@ -112,7 +114,7 @@ def sample_from_images(paths):
     sizes = [_image_size(p, str(p), "image", True) for p in paths]
     if len(set(sizes)) > 1:
         raise DataError("images of one study must have one size, got " + ", ".join(f"{p.name} {w}x{h}" for p, (w, h) in zip(paths, sizes)))
-    return Sample([str(p) for p in paths], [], sizes[0], 0, {}, case_id(paths[0]))
+    return Sample([str(p) for p in paths], [], sizes[0], 0, {}, case_id(*paths))
 
 
 def _image_size(p, where, key, decode):
@@ -458,14 +460,24 @@ class Augment:
 # patients: adjacent slices of one brain nearly repeat each other, so split by patient, never by slice
 
 _CASE = re.compile(r"^(.+)_\d+(?:-\d+)?_\d+$")
+CASE_KEYS = ("case", "patient", "patient_id", "subject")  # a row key naming the patient wins over its file names
 
 
-def case_id(path):
-    """'BraTS-GLI-00000-000_2_0.jpg' -> 'BraTS-GLI-00000-000' (case, then _<view or slice>_<modality>;
-    also 'BraTS2015-pat0001_1_0-077_3.jpg' -> 'BraTS2015-pat0001_1'); other names: the file stem."""
-    stem = Path(path).stem
-    m = _CASE.match(stem)
-    return m.group(1) if m else stem
+def case_id(*paths):
+    """The patient of a row, from its image names: our converter's and the blog's names match _CASE
+    ('BraTS-GLI-00000-000_2_0.jpg' -> 'BraTS-GLI-00000-000', 'BraTS2015-pat0001_1_0-077_3.jpg' ->
+    'BraTS2015-pat0001_1'). Other names: what the row's images share before their modality part,
+    less a trailing slice number ('TCGA_CS_4941_19960909_12_flair.png' + '..._12_t1c.png' ->
+    'TCGA_CS_4941_19960909'); when nothing is left (names like '12_flair.png'), the folder name."""
+    stems = [Path(p).stem for p in paths]
+    m = _CASE.match(stems[0])
+    if m:
+        return m.group(1)
+    name = os.path.commonprefix(stems)
+    if len(set(stems)) > 1:  # cut a shared start of the modality names ('_t' of '_t1c' and '_t2f')
+        name = name[: max(name.rfind(c) for c in "_-. ") + 1]
+    name = re.sub(r"[_\-. ]*\d+[_\-. ]*$", "", name).rstrip("_-. ")
+    return name or Path(paths[0]).parent.name or stems[0]
 
 
 def _val_cases(cases, val_fraction, seed):

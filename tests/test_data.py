@@ -307,6 +307,18 @@ def test_case_id():
     assert data.case_id("BraTS2015-pat0001_1_0-077_3.jpg") == "BraTS2015-pat0001_1"
     assert data.case_id("images/DEMO-00012-000_5_1.jpg") == "DEMO-00012-000"
     assert data.case_id("scan.png") == "scan"
+    # other layouts: what a row's modality files share, less the slice number; else the folder
+    assert data.case_id("d/TCGA_CS_4941_19960909_12_flair.png", "d/TCGA_CS_4941_19960909_12_t1c.png") == "TCGA_CS_4941_19960909"
+    assert data.case_id("d/P7_slice-031_t1.png", "d/P7_slice-031_t2.png") == "P7_slice"
+    assert data.case_id("pat9/12_flair.png", "pat9/12_t1c.png") == "pat9"
+
+
+def test_case_key_wins(tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"x_path": "a.png", "box": [1, 1, 4, 4], "patient": "P1"}, {"x_path": "a.png", "box": [1, 1, 4, 4]}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, samples = data.read_summary(tmp_path / "s.jsonl")
+    assert [s.case for s in samples] == ["P1", "a"]
 
 
 def test_split_by_patient_never_splits_a_case():
