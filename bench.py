@@ -237,10 +237,10 @@ def make_train_step(model, device, bf16: bool, compile: bool):
         optimizer = torch.optim.AdamW(params, lr=1e-5)
     forward = torch.compile(model) if compile else model
 
-    def step(images, answer, mask):
+    def step(images, answer, mask, tokens=None):  # tokens: cached ViT output instead of images (ours only)
         optimizer.zero_grad(set_to_none=True)  # first, so the gradients stay readable after the step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(images, answer, mask)
+            loss = forward(images, answer, mask) if tokens is None else forward(None, answer, mask, None, tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -272,13 +272,6 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times, box, bins
-
-
-def compile_decode(model: MiniGPT, device):
-    """Compile the one-token step of generate (static KV cache, so one graph for every position); with
-    CUDA graphs on CUDA ("reduce-overhead"). Belongs in model.py (see issue 6, item 3); here until it is."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
 
 
 # -----------------------------------------------------------------------------
@@ -385,7 +378,7 @@ def main(argv=None, out=print) -> list[dict]:
             if args.bf16:  # answer in bf16 weights, as a served model is held
                 m.to(torch.bfloat16)
             if name == "ours" and args.compile:
-                compile_decode(m, device)
+                m.compile_decode()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -422,6 +415,16 @@ def main(argv=None, out=print) -> list[dict]:
                  tokens_per_s=round(B * seq / t, 1), flops_per_step=flops, mfu=round(flops / t / peak, 4),
                  peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1), warmup_and_steps_s=round(time.perf_counter() - t0, 2))
             del step
+        # train.py --cache-features: the frozen ViT's output computed once per image; less work per step, so
+        # reported apart (no MFU: the FLOPs above include the ViT)
+        models["ours"].to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            tokens = model.vit_tokens(batch[0])
+        step = make_train_step(model, device, args.bf16, args.compile)
+        t = statistics.median(time_train(step, (None, batch[1], batch[2], tokens), device, args.steps, args.warmup))
+        emit(kind="train", impl="ours", compiled=args.compile, cached_vit_features=True, step_s=round(t, 5),
+             samples_per_s=round(B / t, 2), peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
+        del step, tokens
         ours = results[("ours", args.compile)]
         for compiled in ([False, True] if args.compile else [False]):
             if ("peer", compiled) in results:

@@ -497,15 +497,22 @@ class MiniGPT(nn.Module):
 
     # ---- the sequence
 
-    def encode_images(self, images):
-        """images (B, N, 3, S, S) -> (B, n_slots, Q, dim)."""
+    def vit_tokens(self, images):
+        """images (B, N, 3, S, S) -> (B, N, T, W): every modality through the ViT as one batch. A frozen
+        ViT runs without autograd and may be held in bf16 (inputs follow its dtype); its output is then
+        a fixed function of the pixels, which train.py --cache-features computes once per image."""
         B, N = images.shape[:2]
         if N != self.cfg.n_images:
             raise ValueError(f"got {N} images per sample, the model was built for {self.cfg.n_images}")
-        # a frozen tower runs without autograd, and may be held in bf16: inputs follow its dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen["vit"]):
-            tokens = self.vit(images.flatten(0, 1).to(self.vit.pos_embed.dtype))  # (B*N, T, W): all modalities at once
-        tokens = tokens.to(self.qformer.query.dtype)
+            tokens = self.vit(images.flatten(0, 1).to(self.vit.pos_embed.dtype))  # (B*N, T, W)
+        return tokens.view(B, N, *tokens.shape[1:])
+
+    def encode_images(self, images=None, tokens=None):
+        """images (B, N, 3, S, S), or their ViT tokens (B, N, T, W) from vit_tokens -> (B, n_slots, Q, dim)."""
+        tokens = self.vit_tokens(images) if tokens is None else tokens
+        B = tokens.shape[0]
+        tokens = tokens.flatten(0, 1).to(self.qformer.query.dtype)  # (B*N, T, W)
         if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images' tokens
             tokens = tokens.reshape(B, -1, tokens.shape[-1])  # (B, N*T, W)
         img = self.qformer(tokens)  # (B * n_slots, Q, dim)
@@ -525,15 +532,16 @@ class MiniGPT(nn.Module):
             pieces.append(tail)
         return torch.cat(pieces, dim=1)
 
-    def forward(self, images, answer, answer_mask, boxes=None):
-        """images (B, N, 3, S, S), answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over
+    def forward(self, images, answer, answer_mask, boxes=None, tokens=None):
+        """images (B, N, 3, S, S) (or None with tokens (B, N, T, W), a frozen ViT's cached output),
+        answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over
         the answer tokens where answer_mask is True. The answer is fed shifted (teacher forcing); logits
         are computed only at the L positions that predict answer tokens (the head is the costly part).
         With loc_sigma > 0 a location token's target is a Gaussian over the neighbouring bins, so a
         near miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0,
         x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog."""
         L = answer.shape[1]
-        x = self.splice_images(self.encode_images(images), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
+        x = self.splice_images(self.encode_images(images, tokens), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
         h = self.llm(x, torch.arange(x.shape[1], device=x.device))  # (B, P+L-1, dim)
         logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
         targets = answer.masked_fill(~answer_mask, -100)
@@ -617,6 +625,14 @@ class MiniGPT(nn.Module):
         h = self.llm(self.llm.tok_embeddings(token)[:, None], input_pos, use_cache=True)  # (B, 1, dim)
         return self.llm.logits(h[:, -1])
 
+    def compile_decode(self):
+        """Compile decode_step, the one-token step of generate. The static KV cache gives every position
+        the same shapes, so one graph serves the whole answer; on CUDA it is captured as a CUDA graph
+        ("reduce-overhead"): a token costs one graph launch instead of a kernel launch per operation.
+        Compile after moving the model to its device; a new batch size compiles (and captures) once more."""
+        cuda = next(self.parameters()).device.type == "cuda"
+        self.decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else "default", fullgraph=True)
+
     @torch.no_grad()
     def generate(self, images, min_boxes: int = 1):
         """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after max_boxes
@@ -647,7 +663,8 @@ class MiniGPT(nn.Module):
         if self.box_mlp is not None:
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
             h = self.llm(x, torch.arange(x.shape[1], device=x.device))
-            return self.box_mlp(h[:, -1].float()).sigmoid().view(-1, 2, 2).sort(1).values.view(-1, 4)
+            b = self.box_mlp(h[:, -1].to(self.box_mlp[0].weight.dtype)).float().sigmoid()  # (B, 4); bf16 weights too
+            return b.view(-1, 2, 2).sort(1).values.view(-1, 4)
         b = (self.generate(images)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
         return b.view(-1, 2, 2).sort(1).values.view(-1, 4)
 

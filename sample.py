@@ -41,13 +41,18 @@ def load(ckpt):
 
 
 @torch.no_grad()
-def predict(model, samples, meta, device, batch_size=32):
-    """-> the answered box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
+def predict(model, samples, meta, device, batch_size=32, pad=False):
+    """-> the answered box per sample, pixel [x0, y0, x1, y1] of that sample's own image size. Batches of
+    batch_size; pad=True fills the last one up (repeating its last sample) so that a compiled decode step
+    sees one batch shape only."""
     preds = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
-        x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk]).to(device)
-        boxes = model.predict_boxes(x).cpu()  # (b, 4) normalised
+        x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk])
+        if pad and len(samples) > batch_size and len(chunk) < batch_size:
+            x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
+        dtype = next(model.parameters()).dtype
+        boxes = model.predict_boxes(x.to(device, dtype)).float().cpu()[: len(chunk)]  # (b, 4) normalised
         preds += [data.to_pixels(b, s.size) for b, s in zip(boxes, chunk)]
     return preds
 
@@ -77,11 +82,19 @@ def main(argv=None):
                    help="corners: [maxx, maxy, minx, miny]; xywh: COCO [x, y, w, h] (default: the training data's)")
     p.add_argument("--draw", help="PNG: the modalities side by side with the answered box (red) and the true one (green)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold the weights in bf16 for answering (default: on CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step, with CUDA graphs on CUDA; pays off over many rows (default: on CUDA with --data)")
     args = p.parse_args(argv)
 
     ckpt = find_checkpoint(args.ckpt)
     model, meta, tokenizer = load(ckpt)
-    model.to(args.device)
+    cuda = args.device.startswith("cuda")
+    model.to(args.device, torch.bfloat16 if (cuda if args.bf16 is None else args.bf16) else torch.float32)
+    if (cuda and args.data is not None) if args.compile is None else args.compile:
+        model.compile_decode()
+        args.compile = True
     modalities = meta["modalities"]
     box_format = args.box_format or meta["box_format"]
 
@@ -92,8 +105,11 @@ def main(argv=None):
         samples = [data.sample_from_images(args.images)]
     elif args.data:
         file_mods, samples = data.read_summary(args.data, box_format=box_format, require_boxes=False)
-        if file_mods != modalities:
+        if sorted(file_mods) != sorted(modalities):
             sys.exit(f"{args.data}: modalities {file_mods} differ from the checkpoint's {modalities}")
+        order = [file_mods.index(m) for m in modalities]  # the same modalities in another key order: the model's
+        for s in samples:
+            s.paths = [s.paths[k] for k in order]
     else:  # the embedded demo: a few validation rows of the data the checkpoint was trained on
         train_args = meta["args"]
         path = train_args["val"] or train_args["data"]
@@ -104,7 +120,7 @@ def main(argv=None):
             samples = data.split_by_patient(samples, train_args["val_fraction"], train_args["seed"])[1]
         samples = samples[:4]
 
-    preds = predict(model, samples, meta, args.device)
+    preds = predict(model, samples, meta, args.device, pad=bool(args.compile))
     lines = []
     for s, pred in zip(samples, preds):
         row = {} if args.images else {k: v for k, v in s.row.items() if k.endswith("_path")}

@@ -55,6 +55,9 @@ def get_args(argv=None):
                    help="how boxes are written in the jsonl: two opposite corners, e.g. [maxx, maxy, minx, miny] (default), or COCO [x, y, w, h]")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips, zoom, shifts, small rotations and intensity jitter that move the boxes with the pixels (default on)")
+    g.add_argument("--cache-features", action="store_true",
+                   help="with a frozen ViT (--freeze-vit, --minigpt4) and --no-augment: run the ViT once per image and "
+                        "train on its stored output (less work per step; the same result)")
     g.add_argument("--max-boxes", type=int, default=1, help="boxes per answer; rows with more keep the largest (default 1)")
     g.add_argument("--out", default="out", help="output folder: checkpoint, metrics.jsonl, curves.png (default out/)")
     g = p.add_argument_group("model (unset sizes come from the device recipe)")
@@ -308,6 +311,17 @@ def main(argv=None):
     va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
     log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
     baseline = data.score_boxes(mean_box_preds(tr_boxes, val_samples), val_samples)
+    tr_tokens = None
+    if args.cache_features:  # a frozen ViT on unchanging pixels: its output is a constant of each image
+        if not model.frozen["vit"] or args.augment:
+            sys.exit("--cache-features needs a frozen ViT (--freeze-vit or --minigpt4) and --no-augment "
+                     "(augmented pixels change every step, so their features cannot be stored)")
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            tr_tokens = torch.cat([model.vit_tokens(tr_images[i: i + 64].to(device).float()).cpu()
+                                   for i in range(0, len(tr_images), 64)])  # (M, N, T, W)
+        log(f"cached ViT features in {time.time() - t0:.1f}s: {tuple(tr_tokens.shape)} {tr_tokens.dtype}, "
+            f"{tr_tokens.numel() * tr_tokens.element_size() / 2 ** 20:.0f} MiB")
 
     # ---- schedule: linear warmup, then cosine to min_lr_ratio; progress by steps or by the clock
     decay_steps = args.decay_steps or args.max_steps
@@ -367,7 +381,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         idx = batch_indices(step, args.batch_size, len(train_samples), args.seed, rank, world)
-        images = tr_images[idx].to(device, non_blocking=True).float()
+        if tr_tokens is None:
+            images, tokens = tr_images[idx].to(device, non_blocking=True).float(), None
+        else:
+            images, tokens = None, tr_tokens[idx].to(device, non_blocking=True)
         boxes = tr_boxes[idx].to(device)
         if augment:
             images, boxes = augment(images, boxes, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank))
@@ -378,7 +395,8 @@ def main(argv=None):
             if ddp:
                 train_model.require_backward_grad_sync = k == args.grad_accum - 1
             with autocast():
-                loss = train_model(images[sl], answer[sl], mask[sl], boxes[sl, 0]) / args.grad_accum
+                loss = train_model(None if images is None else images[sl], answer[sl], mask[sl], boxes[sl, 0],
+                                   None if tokens is None else tokens[sl]) / args.grad_accum
             loss.backward()
             loss_acc += loss.detach()
         if args.grad_clip > 0:

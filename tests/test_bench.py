@@ -42,10 +42,13 @@ def test_bench_tiny_prints_json_lines(peer):
     train = by_kind["train"][0]
     for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "mfu", "peak_memory_mb"):
         assert train[key] > 0, key
+    cached = by_kind["train"][-1]  # train.py --cache-features: the frozen ViT's output computed beforehand
+    assert cached.get("cached_vit_features") and cached["step_s"] > 0
     answer = by_kind["answer"][0]
     assert answer["latency_ms"] > 0 and len(answer["box"]) == 4
     if peer:
-        assert [r["impl"] for r in by_kind["train"]] == ["ours", "peer"]
+        assert [(r["impl"], r.get("cached_vit_features", False)) for r in by_kind["train"]] == [
+            ("ours", False), ("peer", False), ("ours", True)]
         assert {r["what"] for r in by_kind["ratio"]} == {"train step", "answer latency"}
         # the peer holds our weights: the same loss and the same boxes
         loss = by_kind["loss"][0]
@@ -175,6 +178,6 @@ def test_generate_equals_plain_loop():
 def test_compiled_decode_equals_plain_loop():
     model = tiny_model().eval()
     images = bench.random_batch(model.cfg, 6, "cpu", seed=3)[0]
-    bench.compile_decode(model, torch.device("cpu"))
+    model.compile_decode()
     assert torch.equal(model.generate(images), plain_boxes(model, images))
     assert torch.equal(model.generate(images[:1]), plain_boxes(model, images[:1]))  # another batch size

@@ -94,6 +94,26 @@ def test_sample_batch_prediction_file(trained, demo, tmp_path):
     assert miou >= 0.9  # the same rows the model overfitted
 
 
+def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
+    """A test file may list the modalities in another key order; bf16 weights answer as float32 does
+    (up to a bin here and there); padding the last batch changes no answer."""
+    out, _ = trained
+    rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
+    shuffled = tmp_path / "shuffled.jsonl"
+    absolute = lambda k, v: str(Path(demo).parent / v) if k.endswith("_path") else v
+    shuffled.write_text("".join(json.dumps({k: absolute(k, v) for k, v in reversed(r.items())}) + "\n" for r in rows))
+    a = run("sample.py", "--ckpt", out, "--data", demo)
+    b = run("sample.py", "--ckpt", out, "--data", shuffled, "--bf16")
+    boxes = lambda r: [json.loads(l)["box"][0] for l in r.stdout.splitlines()]
+    assert len(boxes(a)) == len(rows)
+    for x, y in zip(boxes(a), boxes(b)):
+        assert max(abs(u - v) for u, v in zip(x, y)) <= 2 * 128 / 64 + 1e-6  # two bins of the 128 px demo
+    import sample
+    model, meta, _ = sample.load(sample.find_checkpoint(out))
+    _, samples = data.read_summary(demo)
+    assert sample.predict(model, samples, meta, "cpu", batch_size=4, pad=True) == sample.predict(model, samples, meta, "cpu")
+
+
 def test_wrong_image_count_is_a_clear_error(trained, demo):
     out, _ = trained
     _, samples = data.read_summary(demo)
@@ -134,6 +154,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert any(not torch.equal(a[k], b10[k]) for k in a)  # the resumed steps did train
+
+
+def test_cached_vit_features_train_like_the_vit(tmp_path, demo):
+    """--cache-features runs a frozen ViT once per image: the run must end where the uncached one does."""
+    common = ["--data", demo, "--max-steps", 6, "--eval-every", 6, *TINY, "--freeze-vit"]
+    run("train.py", *common, "--out", tmp_path / "plain")
+    r = run("train.py", *common, "--out", tmp_path / "cached", "--cache-features")
+    assert "cached ViT features" in r.stdout
+    a, b = (load_file(tmp_path / d / "ckpt" / "model.safetensors") for d in ("plain", "cached"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    r = run("train.py", *common, "--out", tmp_path / "bad", "--cache-features", "--augment", ok=False)
+    assert r.returncode != 0 and "--no-augment" in r.stderr
 
 
 def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo):
