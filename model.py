@@ -107,12 +107,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is not None:  # cached decoding: attend over the whole static cache, masked
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
+        if input_pos is not None:  # cached (LLaMA.forward passes positions only then): keep this call's keys and values
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
+            if mask is not None:  # a decode step: attend over the whole static cache, masked
+                k, v = k_all, v_all
         # grouped-query: query head h reads kv head h // (n_heads / n_kv_heads), as Hugging Face's
         # repeat_kv, but without copying the keys and values
         gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
+        if mask is None:  # training, or the prefill: its own keys only, causal (flash attention's fast path)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -205,16 +207,20 @@ class LLaMA(nn.Module):
     def forward(self, x, input_pos, use_cache: bool = False):
         # x (B, T, dim) embeddings, input_pos (T,) long positions -> (B, T, dim) hidden after final norm
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta)  # (T, hd)
-        mask = None
+        mask, cache_pos = None, None
         if use_cache:
             assert self.causal_mask is not None, "call setup_cache() first"
-            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, max_len)
+            cache_pos = input_pos
+            # A call of several tokens is the prefill, at positions 0..T-1 of an empty cache: plain causal
+            # attention over its own keys (is_causal, no mask over the whole cache). One token: a decode step.
+            if x.shape[1] == 1:
+                mask = self.causal_mask[None, None, input_pos]  # (1, 1, 1, max_len)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 # keep only each block's input; recompute its inside during backward (memory for compute)
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos, mask)
+                x = layer(x, cos, sin, cache_pos, mask)
         return self.norm(x)
 
     def logits(self, h):
