@@ -432,6 +432,11 @@ class Augment:
     brightness: float = 0.2    # per-modality offset, in normalised units
     noise: float = 0.05        # std of added Gaussian noise, in normalised units
 
+    def scaled(self, k: float) -> "Augment":
+        """Every range times k (the flip probability stays)."""
+        return Augment(self.flip, *(k * getattr(self, f) for f in
+                                    ("scale", "translate", "rotate", "contrast", "brightness", "noise")))
+
     def __call__(self, images, boxes, generator=None):
         """images (B, N, C, S, S), boxes (B, K, 4) normalised -> both transformed, same shapes."""
         B, N, C, S, _ = images.shape

@@ -55,6 +55,8 @@ def get_args(argv=None):
                    help="how boxes are written in the jsonl: two opposite corners, e.g. [maxx, maxy, minx, miny] (default), or COCO [x, y, w, h]")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips, zoom, shifts, small rotations and intensity jitter that move the boxes with the pixels (default on)")
+    g.add_argument("--augment-strength", type=float, default=1.0,
+                   help="multiplies every augmentation range (zoom, shift, rotation, intensity, noise) of data.Augment (default 1)")
     g.add_argument("--cache-features", action="store_true",
                    help="with a frozen ViT (--freeze-vit, --minigpt4) and --no-augment: run the ViT once per image and "
                         "train on its stored output (less work per step; the same result)")
@@ -368,7 +370,7 @@ def main(argv=None):
         model.train()
 
     # ---- the loop
-    augment = data.Augment() if args.augment else None
+    augment = data.Augment().scaled(args.augment_strength) if args.augment else None
     model.train()
     micro = args.batch_size // args.grad_accum
     assert micro * args.grad_accum == args.batch_size, "--batch-size must be a multiple of --grad-accum"

@@ -275,7 +275,9 @@ def test_augment_moves_boxes_with_the_pixels():
         seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
         d = (seen - b[i, 0] * S) * torch.tensor([1, 1, -1, -1])    # >= 0 when seen lies inside the box
         assert d.min() >= -1.0 and d.max() <= 3.0, (i, seen, b[i, 0] * S)
-    # no-op settings give back the input
+    # no-op settings give back the input; so does any augmentation scaled to strength 0 without flips
+    assert data.Augment(flip=0.0).scaled(0) == data.Augment(flip=0, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
+    assert data.Augment().scaled(2).rotate == 2 * data.Augment().rotate
     none = data.Augment(flip=0, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
     x, b = none(images, boxes)
     torch.testing.assert_close(x, images, atol=1e-5, rtol=0)
