@@ -129,6 +129,30 @@ def tiny_model(seed=0):
     return model
 
 
+@pytest.mark.parametrize("box_head", ["tokens", "regress"])
+def test_training_forward_and_decode_step_are_single_graphs(box_head):
+    """What --compile compiles traces as one graph with no breaks (dynamo's explain: tracing only, no
+    code generation, so it is quick): the training forward (images or cached ViT tokens) and the decode step."""
+    cfg, _ = bench.shape_config("tiny")
+    cfg.box_head = box_head
+    torch.manual_seed(0)
+    model = MiniGPT(cfg).train()
+    model.freeze(vit=True)
+    images, answer, mask = bench.random_batch(cfg, 2, "cpu")
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8]])
+    tokens = model.vit_tokens(images)
+    for args in [(images, answer, mask, boxes), (None, answer, mask, boxes, tokens)]:
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(model)(*args)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    model.eval()
+    model.llm.setup_cache(2, model.prompt_len + 4, torch.float32, torch.device("cpu"))
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(model.decode_step)(torch.tensor([5, 6]), torch.tensor([model.prompt_len]))
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    torch._dynamo.reset()
+
+
 @COMPILE_SLOW
 def test_compiled_and_eager_training_steps_agree():
     eager = tiny_model().train()
