@@ -135,9 +135,11 @@ def main(argv=None):
     if args.draw:
         draw(samples[0], modalities, preds[0], args.draw)
         print(f"drew {args.draw}", file=sys.stderr)
-    if samples and all(s.boxes for s in samples):
-        s = data.score_boxes(preds, samples)
-        print(f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} on {len(samples)} rows",
+    scored = [(p, s) for p, s in zip(preds, samples) if s.boxes]  # rows with a true box ("box": [] has none)
+    if scored:
+        s = data.score_boxes(*zip(*scored))
+        print(f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} on {len(scored)} rows"
+              + (f" ({len(samples) - len(scored)} rows without a box not scored)" if len(scored) < len(samples) else ""),
               file=sys.stderr)
 
 

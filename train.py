@@ -246,6 +246,15 @@ def main(argv=None):
         train_samples = samples
     else:
         train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
+    # The model always answers a box: rows that say "box": [] (a slice without tumour) cannot teach or score it.
+    for name, rows in (("training", train_samples), ("validation", val_samples)):
+        empty = [s.line for s in rows if not s.boxes]
+        if empty:
+            log(f"{name}: {len(empty)} rows without a box skipped (lines {', '.join(map(str, empty[:5]))}"
+                f"{', ...' if len(empty) > 5 else ''}); the model answers with a box, so only rows with one count")
+    train_samples, val_samples = [s for s in train_samples if s.boxes], [s for s in val_samples if s.boxes]
+    if not train_samples or not val_samples:
+        sys.exit(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
     n_img = len(modalities)
     if args.llm:
         tokenizer = data.Tokenizer(Path(args.llm) / "tokenizer.model", args.num_bins)

@@ -114,6 +114,18 @@ def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
     assert sample.predict(model, samples, meta, "cpu", batch_size=4, pad=True) == sample.predict(model, samples, meta, "cpu")
 
 
+def test_rows_without_a_box_are_skipped_in_training_and_not_scored(trained, demo, tmp_path):
+    rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
+    rows[1]["box"] = []  # a slice without tumour
+    f = Path(demo).parent / "one_empty.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run("train.py", "--data", f, "--val", f, "--out", tmp_path, "--max-steps", 2, "--eval-every", 2, *TINY)
+    assert "1 rows without a box skipped (lines 2)" in r.stdout
+    r = run("sample.py", "--ckpt", trained[0], "--data", f)
+    assert len(r.stdout.splitlines()) == len(rows)  # every row answered
+    assert f"on {len(rows) - 1} rows (1 rows without a box not scored)" in r.stderr
+
+
 def test_wrong_image_count_is_a_clear_error(trained, demo):
     out, _ = trained
     _, samples = data.read_summary(demo)
