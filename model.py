@@ -394,6 +394,7 @@ class MiniGPTConfig:
     lora_alpha: float = 16.0
     loc_sigma: float = 0.0  # label smoothing over neighbouring location bins: Gaussian std in bins (0 = one-hot)
     box_head: str = "tokens"  # "tokens": answer with location tokens; "regress": also an MLP box head at <box>
+    flip_average: bool = False  # answer: average the box with the mirrored box of the mirrored study (train.py: on with flips)
 
     @property
     def n_slots(self) -> int:
@@ -665,7 +666,19 @@ class MiniGPT(nn.Module):
     @torch.no_grad()
     def predict_boxes(self, images):
         """images (B, N, 3, S, S) -> (B, 4) normalised [x0, y0, x1, y1]: the first answered box, read
-        at its bins' centres (tokens), or the box head's output (regress: one prefill, no decoding)."""
+        at its bins' centres (tokens), or the box head's output (regress: one prefill, no decoding).
+        With cfg.flip_average, the mean of that box and the mirror image of the box answered for the
+        left-right mirrored study (one batch of 2B): a model trained with random flips answers both."""
+        if not self.cfg.flip_average:
+            return self.answer_boxes(images)
+        B = images.shape[0]
+        b = self.answer_boxes(torch.cat([images, images.flip(-1)]))  # (2B, 4)
+        x0, y0, x1, y1 = b[B:].unbind(-1)
+        return (b[:B] + torch.stack([1 - x1, y0, 1 - x0, y1], -1)) / 2
+
+    @torch.no_grad()
+    def answer_boxes(self, images):
+        """predict_boxes without flip averaging: images (B, N, 3, S, S) -> (B, 4) normalised."""
         if self.box_mlp is not None:
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
             h = self.llm(x, torch.arange(x.shape[1], device=x.device))

@@ -84,6 +84,8 @@ def get_args(argv=None):
     g.add_argument("--box-head", choices=["tokens", "regress"],
                    help="tokens: the box is read from the answered location tokens; regress: the original blog's "
                         "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead (default: recipe)")
+    g.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer with the mean of the box and the mirrored box of the mirrored study (default: on when --augment flips)")
     g.add_argument("--loc-sigma", type=float, help="label smoothing over neighbouring location bins, Gaussian std in bins (default: recipe)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing of the LLM's blocks: less memory, one more forward per step (large shapes)")
@@ -284,6 +286,7 @@ def main(argv=None):
         num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loc_sigma=args.loc_sigma, box_head=args.box_head,
+        flip_average=args.augment if args.flip_average is None else args.flip_average,
     )
     model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)
     model.freeze(vit=args.freeze_vit, qformer=args.freeze_qformer, llm=args.freeze_llm)

@@ -415,6 +415,22 @@ def test_predict_boxes_reads_the_first_answered_box():
     torch.testing.assert_close(m.predict_boxes(images), expect)
 
 
+@pytest.mark.parametrize("box_head", ["tokens", "regress"])
+def test_flip_average_answers_a_mirrored_study_with_the_mirrored_box(box_head):
+    m = tiny_model(box_head=box_head).eval()
+    with torch.no_grad():  # away from the near-constant init, so answers depend on the image
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    images, _, _ = batch()
+    mirror = lambda b: torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
+    plain, flipped = m.predict_boxes(images), m.predict_boxes(images.flip(-1))
+    assert not torch.allclose(flipped, mirror(plain), atol=1e-3)  # a model that is not symmetric by itself
+    m.cfg.flip_average = True
+    both = m.predict_boxes(images)
+    torch.testing.assert_close(both, (plain + mirror(flipped)) / 2)
+    torch.testing.assert_close(m.predict_boxes(images.flip(-1)), mirror(both))
+
+
 def test_config_json_round_trip():
     cfg = tiny_cfg(fusion="early", lora_rank=3)
     again = MiniGPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
