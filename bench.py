@@ -417,7 +417,7 @@ def main(argv=None, out=print) -> list[dict]:
             del step
         # train.py --cache-features: the frozen ViT's output computed once per image; less work per step, so
         # reported apart (no MFU: the FLOPs above include the ViT)
-        models["ours"].to(device)
+        model.to(device)  # the peer's runs above parked it on the host
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             tokens = model.vit_tokens(batch[0])
         step = make_train_step(model, device, args.bf16, args.compile)

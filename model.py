@@ -101,14 +101,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, cache_pos, mask):
+        # cache_pos (T,): where this call's keys and values go in the KV cache; None when not caching
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:  # cached (LLaMA.forward passes positions only then): keep this call's keys and values
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
+        if cache_pos is not None:  # keep this call's keys and values
+            k_all, v_all = self.kv_cache.update(cache_pos, k, v)  # (B, nkv, max_len, hd)
             if mask is not None:  # a decode step: attend over the whole static cache, masked
                 k, v = k_all, v_all
         # grouped-query: query head h reads kv head h // (n_heads / n_kv_heads), as Hugging Face's
@@ -140,8 +141,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, cache_pos, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache_pos, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -207,10 +208,9 @@ class LLaMA(nn.Module):
     def forward(self, x, input_pos, use_cache: bool = False):
         # x (B, T, dim) embeddings, input_pos (T,) long positions -> (B, T, dim) hidden after final norm
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta)  # (T, hd)
-        mask, cache_pos = None, None
+        mask, cache_pos = None, input_pos if use_cache else None
         if use_cache:
             assert self.causal_mask is not None, "call setup_cache() first"
-            cache_pos = input_pos
             # A call of several tokens is the prefill, at positions 0..T-1 of an empty cache: plain causal
             # attention over its own keys (is_causal, no mask over the whole cache). One token: a decode step.
             if x.shape[1] == 1:
@@ -683,9 +683,9 @@ class MiniGPT(nn.Module):
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
             h = self.llm(x, torch.arange(x.shape[1], device=x.device))
             b = self.box_mlp(h[:, -1].to(self.box_mlp[0].weight.dtype)).float().sigmoid()  # (B, 4); bf16 weights too
-            return b.view(-1, 2, 2).sort(1).values.view(-1, 4)
-        b = (self.generate(images)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
-        return b.view(-1, 2, 2).sort(1).values.view(-1, 4)
+        else:
+            b = (self.generate(images)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
+        return b.view(-1, 2, 2).sort(1).values.view(-1, 4)  # corners in order: x0 <= x1, y0 <= y1
 
     # ---- checkpoints
 

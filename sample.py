@@ -45,13 +45,12 @@ def predict(model, samples, meta, device, batch_size=32, pad=False):
     """-> the answered box per sample, pixel [x0, y0, x1, y1] of that sample's own image size. Batches of
     batch_size; pad=True fills the last one up (repeating its last sample) so that a compiled decode step
     sees one batch shape only."""
-    preds = []
+    preds, dtype = [], next(model.parameters()).dtype  # inputs in the weights' dtype (bf16 with --bf16)
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
         x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk])
         if pad and len(samples) > batch_size and len(chunk) < batch_size:
             x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
-        dtype = next(model.parameters()).dtype
         boxes = model.predict_boxes(x.to(device, dtype)).float().cpu()[: len(chunk)]  # (b, 4) normalised
         preds += [data.to_pixels(b, s.size) for b, s in zip(boxes, chunk)]
     return preds
