@@ -24,6 +24,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import data
+import prepare
 from model import LLaMAConfig, MiniGPT, MiniGPTConfig
 from vision import QFormerConfig, ViTConfig
 
@@ -236,7 +237,7 @@ def main(argv=None):
         resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
     if args.data is None:
         if master:
-            args.data = str(data.make_demo(out / "demo", seed=args.seed))
+            args.data = str(prepare.make_demo(out / "demo", seed=args.seed))
         if ddp:
             dist.barrier()
         args.data = str(out / "demo" / "summary.jsonl")

@@ -1,4 +1,4 @@
-"""Tests of data.py: the data contract, boxes, tokenizer, batches, patient split, demo dataset."""
+"""Tests of data.py: the data contract, boxes, tokenizer, batches, patient split."""
 import json
 import math
 
@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import prepare
 from data import DataError
 
 
@@ -331,36 +332,3 @@ def test_split_by_patient_never_splits_a_case():
     assert data.split_by_patient(samples, 0.3, seed=1)[1] == val  # deterministic
     assert {s.case for s in data.split_by_patient(samples, 0.3, seed=2)[1]} != {s.case for s in val}
     assert len(data.split_by_patient(samples[:10], 0.1, 0)[1]) == 5  # 2 cases: one each side
-
-
-# -- demo dataset -----------------------------------------------------------------------------------
-
-def test_demo_is_deterministic_and_readable(tmp_path):
-    a = data.make_demo(tmp_path / "a", cases=3, slices_per_case=3, seed=7, size=64)
-    b = data.make_demo(tmp_path / "b", cases=3, slices_per_case=3, seed=7, size=64)
-    c = data.make_demo(tmp_path / "c", cases=3, slices_per_case=3, seed=8, size=64)
-    assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
-    name = "images/DEMO-00001-000_2_3.jpg"
-    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / "contact_sheet.png").is_file()
-    mods, samples = data.read_summary(a)
-    assert mods == ["t2f Axial", "t2w Axial", "t1n Axial", "t1c Axial"] and len(samples) == 9
-    assert [s.case for s in samples[:3]] == ["DEMO-00000-000"] * 3
-    widths = [s.boxes[0][2] - s.boxes[0][0] for s in samples[:3]]
-    assert len(set(widths)) > 1  # the tumour changes size across slices
-
-
-def test_demo_contrasts_follow_the_modalities():
-    """Oedema bright on FLAIR and T2, rim bright on T1c, necrosis dark on T1n, CSF bright on T2 dark on FLAIR."""
-    rng = np.random.default_rng(0)
-    lab = np.full((64, 64), data.WM)
-    lab[56:] = data.BACKGROUND
-    lab[:8], lab[8:16], lab[16:24], lab[24:32], lab[32:40] = data.BACKGROUND, data.CSF, data.OEDEMA, data.RIM, data.NECROSIS
-    t2f, t2w, t1n, t1c = [im.astype(float) for im in data._render(rng, lab, 64, np.ones(data._SIGNAL.shape))]
-    mean = lambda im, r: im[r * 8 + 2: r * 8 + 6, 10:50].mean()
-    wm = lambda im: im[44:52, 10:50].mean()
-    assert mean(t2f, 2) > wm(t2f) + 40 and mean(t2w, 2) > wm(t2w) + 40  # oedema
-    assert mean(t1c, 3) > wm(t1c) + 30 and mean(t1n, 3) < wm(t1n) - 30  # enhancing rim: only after contrast
-    assert mean(t1n, 4) < wm(t1n) - 60  # necrosis
-    assert mean(t2w, 1) > wm(t2w) + 60 and mean(t2f, 1) < wm(t2f) - 40  # CSF
-    assert t2f[:4].max() == 0 and t1c[60:].max() == 0  # skull-stripped background

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import prepare
 from model import MiniGPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def run(script, *args, ok=True, env_extra=None, runner=None):
 def demo(tmp_path_factory):
     """A small demo dataset: 3 patients x 2 slices."""
     d = tmp_path_factory.mktemp("demo")
-    return data.make_demo(d, cases=3, slices_per_case=2, seed=1)
+    return prepare.make_demo(d, cases=3, slices_per_case=2, seed=1)
 
 
 @pytest.fixture(scope="module")

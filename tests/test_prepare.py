@@ -1,5 +1,5 @@
-"""Tests of the BraTS converter in data.py: the NIfTI-1 reader on files written here, the converter on a
-tiny synthetic study, and (when ../shared/data is present) on real BraTS cases."""
+"""Tests of prepare.py: the NIfTI-1 reader on files written here, the converter on a
+tiny synthetic study and (when ../shared/data is present) on real BraTS cases, the demo dataset."""
 import gzip
 import json
 import struct
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import data
+import prepare
 
 DT = {np.dtype("int16"): 4, np.dtype("uint8"): 2, np.dtype("float32"): 16, np.dtype("float64"): 64,
       np.dtype("int32"): 8, np.dtype("uint16"): 512}
@@ -47,7 +48,7 @@ def ras_volume(shape=(6, 5, 4)):
 def test_read_nifti_orients_to_ras(tmp_path, form, endian):
     ras = ras_volume()
     write_nifti(tmp_path / "v.nii.gz", ras[::-1, ::-1, :].copy(), form=form, endian=endian)  # stored as BraTS: L, P, S
-    got = data.read_nifti(tmp_path / "v.nii.gz")
+    got = prepare.read_nifti(tmp_path / "v.nii.gz")
     assert got.dtype == np.float32 and np.array_equal(got, ras)
 
 
@@ -56,21 +57,21 @@ def test_read_nifti_permuted_axes(tmp_path):
     stored = ras.transpose(2, 0, 1)[::-1].copy()  # voxel axes: (inferior, right, anterior)
     rot = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)  # column i: world direction of voxel axis i
     write_nifti(tmp_path / "v.nii.gz", stored, rot=rot)
-    assert np.array_equal(data.read_nifti(tmp_path / "v.nii.gz"), ras)
+    assert np.array_equal(prepare.read_nifti(tmp_path / "v.nii.gz"), ras)
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "int32", "uint16"])
 def test_read_nifti_dtypes_and_scaling(tmp_path, dtype):
     stored = (ras_volume() % 50).astype(dtype)
     write_nifti(tmp_path / "v.nii.gz", stored, rot=np.eye(3), slope=2.0, inter=-3.0)
-    assert np.allclose(data.read_nifti(tmp_path / "v.nii.gz"), stored.astype(np.float64) * 2 - 3)
+    assert np.allclose(prepare.read_nifti(tmp_path / "v.nii.gz"), stored.astype(np.float64) * 2 - 3)
 
 
 def test_read_nifti_rejects_non_nifti(tmp_path):
     with gzip.open(tmp_path / "x.nii.gz", "wb") as f:
         f.write(b"\0" * 400)
     with pytest.raises(data.DataError, match=r"x\.nii\.gz: not a single-file NIfTI-1"):
-        data.read_nifti(tmp_path / "x.nii.gz")
+        prepare.read_nifti(tmp_path / "x.nii.gz")
 
 
 def make_case(root, name, mods=("t2f", "t1c"), seg=True, shape=(24, 20, 6)):
@@ -95,7 +96,7 @@ def test_convert_brats_synthetic(tmp_path):
         make_case(src, f"BraTS-TEST-0000{k}-000")
     make_case(src, "BraTS-TEST-00009-000", seg=False)
     messages = []
-    counts = data.convert_brats(src, tmp_path / "out", ("axial", "sagittal"), min_tumor_px=10, val_fraction=0.25, log=messages.append)
+    counts = prepare.convert_brats(src, tmp_path / "out", ("axial", "sagittal"), min_tumor_px=10, val_fraction=0.25, log=messages.append)
     assert counts == {"axial": 4 * 4, "sagittal": 4 * 4}
     assert any("BraTS-TEST-00009-000: no BraTS-TEST-00009-000-seg.nii.gz" in m and "skipped" in m for m in messages)
     mods, samples = data.read_summary(tmp_path / "out" / "axial" / "summary.jsonl")
@@ -122,7 +123,7 @@ def test_convert_brats_real(shared_data, tmp_path):
     for rel in ("brats2015-expert/BraTS2015-pat0001_1", "brats-format/BraTS-GLI-00001-000"):
         (src / rel.split("/")[1]).symlink_to(shared_data / rel)
     messages = []
-    counts = data.convert_brats(src, tmp_path / "out", ("axial",), min_tumor_px=100, log=messages.append)
+    counts = prepare.convert_brats(src, tmp_path / "out", ("axial",), min_tumor_px=100, log=messages.append)
     assert any("BraTS-GLI-00001-000: no" in m for m in messages)
     assert counts["axial"] > 30
     mods, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
@@ -135,3 +136,36 @@ def test_convert_brats_real(shared_data, tmp_path):
     mid = np.asarray(Image.open(samples[len(samples) // 2].paths[0])) > 0
     rows = np.nonzero(mid.any(1))[0]
     assert mid[rows[0] + 5].sum() < mid.sum(1).max()
+
+
+# -- demo dataset -----------------------------------------------------------------------------------
+
+def test_demo_is_deterministic_and_readable(tmp_path):
+    a = prepare.make_demo(tmp_path / "a", cases=3, slices_per_case=3, seed=7, size=64)
+    b = prepare.make_demo(tmp_path / "b", cases=3, slices_per_case=3, seed=7, size=64)
+    c = prepare.make_demo(tmp_path / "c", cases=3, slices_per_case=3, seed=8, size=64)
+    assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
+    name = "images/DEMO-00001-000_2_3.jpg"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "contact_sheet.png").is_file()
+    mods, samples = data.read_summary(a)
+    assert mods == ["t2f Axial", "t2w Axial", "t1n Axial", "t1c Axial"] and len(samples) == 9
+    assert [s.case for s in samples[:3]] == ["DEMO-00000-000"] * 3
+    widths = [s.boxes[0][2] - s.boxes[0][0] for s in samples[:3]]
+    assert len(set(widths)) > 1  # the tumour changes size across slices
+
+
+def test_demo_contrasts_follow_the_modalities():
+    """Oedema bright on FLAIR and T2, rim bright on T1c, necrosis dark on T1n, CSF bright on T2 dark on FLAIR."""
+    rng = np.random.default_rng(0)
+    lab = np.full((64, 64), prepare.WM)
+    lab[56:] = prepare.BACKGROUND
+    lab[:8], lab[8:16], lab[16:24], lab[24:32], lab[32:40] = prepare.BACKGROUND, prepare.CSF, prepare.OEDEMA, prepare.RIM, prepare.NECROSIS
+    t2f, t2w, t1n, t1c = [im.astype(float) for im in prepare._render(rng, lab, 64, np.ones(prepare._SIGNAL.shape))]
+    mean = lambda im, r: im[r * 8 + 2: r * 8 + 6, 10:50].mean()
+    wm = lambda im: im[44:52, 10:50].mean()
+    assert mean(t2f, 2) > wm(t2f) + 40 and mean(t2w, 2) > wm(t2w) + 40  # oedema
+    assert mean(t1c, 3) > wm(t1c) + 30 and mean(t1n, 3) < wm(t1n) - 30  # enhancing rim: only after contrast
+    assert mean(t1n, 4) < wm(t1n) - 60  # necrosis
+    assert mean(t2w, 1) > wm(t2w) + 60 and mean(t2f, 1) < wm(t2f) - 40  # CSF
+    assert t2f[:4].max() == 0 and t1c[60:].max() == 0  # skull-stripped background
