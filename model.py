@@ -395,6 +395,7 @@ class MiniGPTConfig:
     loc_sigma: float = 0.0  # label smoothing over neighbouring location bins: Gaussian std in bins (0 = one-hot)
     box_head: str = "tokens"  # "tokens": answer with location tokens; "regress": also an MLP box head at <box>
     flip_average: bool = False  # answer: average the box with the mirrored box of the mirrored study (train.py: on with flips)
+    patch_loss: float = 0.0  # weight of the auxiliary per-patch "inside the box" loss on the ViT tokens (0 = off)
 
     @property
     def n_slots(self) -> int:
@@ -424,6 +425,8 @@ class MiniGPT(nn.Module):
             raise ValueError(f"fusion must be 'per-image' or 'early', got {cfg.fusion!r}")
         if cfg.box_head not in ("tokens", "regress"):
             raise ValueError(f"box_head must be 'tokens' or 'regress', got {cfg.box_head!r}")
+        if cfg.fusion == "early" and cfg.qformer.pooled_queries:
+            raise ValueError("pooled queries pool one image's grid; early fusion feeds the Q-Former several images at once")
         if len(cfg.prompt_chunks) != cfg.n_slots + 1:
             raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
                              f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
@@ -438,6 +441,7 @@ class MiniGPT(nn.Module):
         # The original blog's box head: hidden -> hidden/2 -> 4, sigmoid, on the hidden state at <box>.
         d = cfg.llm.dim
         self.box_mlp = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 4)) if cfg.box_head == "regress" else None
+        self.patch_head = nn.Linear(cfg.vit.width, 1) if cfg.patch_loss > 0 else None  # see patch_loss_of
         # the prompt never changes, so each image slot sits at a fixed position (static shapes)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
@@ -518,6 +522,10 @@ class MiniGPT(nn.Module):
     def encode_images(self, images=None, tokens=None):
         """images (B, N, 3, S, S), or their ViT tokens (B, N, T, W) from vit_tokens -> (B, n_slots, Q, dim)."""
         tokens = self.vit_tokens(images) if tokens is None else tokens
+        return self.project_tokens(tokens)
+
+    def project_tokens(self, tokens):
+        """ViT tokens (B, N, T, W) -> (B, n_slots, Q, dim) through the Q-Former."""
         B = tokens.shape[0]
         tokens = tokens.flatten(0, 1).to(self.qformer.query.dtype)  # (B*N, T, W)
         if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images' tokens
@@ -548,7 +556,8 @@ class MiniGPT(nn.Module):
         near miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0,
         x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog."""
         L = answer.shape[1]
-        x = self.splice_images(self.encode_images(images, tokens), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
+        tokens = self.vit_tokens(images) if tokens is None else tokens  # (B, N, T, W)
+        x = self.splice_images(self.project_tokens(tokens), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
         h = self.llm(x, torch.arange(x.shape[1], device=x.device))  # (B, P+L-1, dim)
         logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
         targets = answer.masked_fill(~answer_mask, -100)
@@ -559,7 +568,25 @@ class MiniGPT(nn.Module):
         if self.box_mlp is not None and boxes is not None:
             pred = self.box_mlp(h[:, -L].float()).sigmoid()  # (B, 4): the hidden state at <box>
             loss = loss + F.l1_loss(pred, boxes) + (1 - generalized_iou(pred, boxes)).mean()
+        if self.patch_head is not None and boxes is not None:
+            loss = loss + self.cfg.patch_loss * self.patch_loss_of(tokens, boxes)
         return loss
+
+    def patch_loss_of(self, tokens, boxes):
+        """Auxiliary dense loss: every ViT patch token of every modality predicts the share of its patch
+        that the box covers (binary cross-entropy against that share). tokens (B, N, T, W), boxes (B, 4)
+        normalised -> scalar. A box gives 4 numbers per study to learn from, this gives g*g per image and
+        a gradient straight into the ViT, so its tokens learn what a tumour looks like and where it is
+        from the first steps instead of waiting for the answer's gradient through the LLM."""
+        g = self.cfg.vit.grid
+        patches = tokens[:, :, -g * g:]  # (B, N, g*g, W): the class token, if any, comes first
+        logits = self.patch_head(patches.float()).squeeze(-1)  # (B, N, g*g)
+        edges = torch.arange(g + 1, device=boxes.device) / g  # (g+1,) patch borders
+        cover = lambda lo, hi: ((torch.minimum(hi[:, None], edges[None, 1:]) - torch.maximum(lo[:, None], edges[None, :-1]))
+                                .clamp(min=0) * g)  # (B, g) share of each patch column/row inside [lo, hi]
+        x0, y0, x1, y1 = boxes.float().unbind(-1)
+        share = (cover(y0, y1)[:, :, None] * cover(x0, x1)[:, None, :]).flatten(1)  # (B, g*g), rows first
+        return F.binary_cross_entropy_with_logits(logits, share[:, None].expand_as(logits))
 
     def smoothed_loss(self, logits, answer, answer_mask):
         """Cross-entropy against soft targets: a Gaussian of std loc_sigma bins around the true bin for

@@ -35,14 +35,14 @@ CPU_RECIPE = dict(
     num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
     dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
     num_bins=64, loc_sigma=1.0, box_head="regress", batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
-    compile=False, bf16=False,
+    vit_stem="patch", pooled_queries=False, patch_loss=0.0, compile=False, bf16=False,
 )
 GPU_RECIPE = dict(
     image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
     num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
     dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
     num_bins=128, loc_sigma=1.0, box_head="regress", batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
-    compile=True, bf16=True,
+    vit_stem="patch", pooled_queries=False, patch_loss=0.0, compile=True, bf16=True,
 )
 
 
@@ -82,6 +82,12 @@ def get_args(argv=None):
                         ("n-kv-heads", "LLM key/value heads (grouped-query attention)"),
                         ("num-bins", "location bins per coordinate")]:
         g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
+    g.add_argument("--vit-stem", choices=["patch", "conv"],
+                   help="from-scratch ViT: patch (one strided conv) or conv (3x3 stride-2 convs with BatchNorm, Xiao et al. 2021) (default: recipe)")
+    g.add_argument("--pooled-queries", action=argparse.BooleanOptionalAction, default=None,
+                   help="from-scratch Q-Former: each query starts with its region of the image grid, average-pooled (default: recipe)")
+    g.add_argument("--patch-loss", type=float,
+                   help="weight of the auxiliary loss where each ViT patch predicts how much of it the box covers, 0 = off (default: recipe)")
     g.add_argument("--box-head", choices=["tokens", "regress"],
                    help="tokens: the box is read from the answered location tokens; regress: the original blog's "
                         "MLP on the hidden state at <box>, trained with L1 + GIoU beside the token loss, answers instead (default: recipe)")
@@ -129,7 +135,7 @@ def get_args(argv=None):
     if args.max_steps:  # a step count given alone is not also cut by the recipe's clock
         recipe.pop("max_minutes")
     if args.vision:  # a pretrained ViT brings its own sizes and, unless --image-size says otherwise, its image size
-        for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads"):
+        for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem"):
             recipe.pop(k)
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
@@ -276,10 +282,11 @@ def main(argv=None):
         # with --vision, MiniGPT.build replaces the ViT's config by the checkpoint's (image_size None: its own)
         vit=ViTConfig(image_size=args.image_size) if args.vision else
         ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                  depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width),
+                  depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width, stem=args.vit_stem),
         qformer=QFormerConfig(num_query=args.num_query, width=args.qformer_width, depth=args.qformer_depth,
                               heads=args.qformer_heads, mlp_dim=4 * args.qformer_width, cross_every=args.cross_every,
-                              vision_width=args.vit_width or 0, out_dim=args.dim),
+                              vision_width=args.vit_width or 0, out_dim=args.dim,
+                              pooled_queries=args.pooled_queries),
         llm=LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                         n_kv_heads=args.n_kv_heads, hidden_dim=int(8 / 3 * args.dim / 32 + 1) * 32,
                         max_seq_len=1024, tie_embeddings=True),
@@ -287,6 +294,7 @@ def main(argv=None):
         num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loc_sigma=args.loc_sigma, box_head=args.box_head,
+        patch_loss=args.patch_loss,
         flip_average=args.augment if args.flip_average is None else args.flip_average,
     )
     model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)

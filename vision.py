@@ -53,6 +53,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     channels: int = 3
     patch_bias: bool = True  # CLIP's patch embedding has no bias
+    stem: str = "patch"  # "patch": one conv of stride patch_size (every pretrained layout); "conv": see ConvStem
 
     @property
     def grid(self) -> int:
@@ -71,6 +72,7 @@ class QFormerConfig:
     out_dim: int = 4096
     norm_eps: float = 1e-12
     act: str = "gelu"
+    pooled_queries: bool = False  # add each query its region of the image grid, average-pooled (see QFormer)
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +169,32 @@ def sincos_2d(grid: int, dim: int):
     return torch.cat([rows, cols], -1).reshape(grid * grid, dim)
 
 
+class ConvStem(nn.Sequential):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(patch)
+    3x3 stride-2 convs with BatchNorm and ReLU, channels doubling up to width/2, then a 1x1 conv to the
+    width. The same token grid as a patch embedding, a few % of the ViT's FLOPs; from scratch on a few
+    thousand slices it learns local edges and blobs long before a single large-stride conv does."""
+
+    def __init__(self, channels: int, width: int, patch_size: int):
+        n = int(math.log2(patch_size))
+        if 2**n != patch_size or n < 1:
+            raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+        chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]  # (C, ..., width/4, width/2)
+        layers = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+        super().__init__(*layers, nn.Conv2d(chans[-1], width, 1))
+
+    def flops(self, image_size: int) -> int:
+        """Forward FLOPs for one image (2 per multiply-add)."""
+        side, total = image_size, 0
+        for m in self:
+            if isinstance(m, nn.Conv2d):
+                side //= m.stride[0]
+                total += 2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        return total
+
+
 class ViT(nn.Module):
     """Vision transformer; returns all tokens (B, [1 +] grid*grid, width), class token first if any.
 
@@ -179,7 +207,12 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, D = cfg.channels, cfg.width
-        self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {cfg.stem!r}")
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(C, D, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.class_token) + cfg.grid**2, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -190,8 +223,11 @@ class ViT(nn.Module):
     def init_weights(self):
         """From-scratch init: Linear/conv weights and the class token N(0, 0.02), biases 0, LayerNorms
         1/0; position embeddings start as 2-D sine-cosine (MAE, He et al. 2021), so every patch knows
-        where it is from the first step (they still train)."""
+        where it is from the first step (they still train). The conv stem keeps PyTorch's default (fan-in
+        scaled) init: std 0.02 over stacked small convs would shrink the signal at every layer."""
         for m in self.modules():
+            if isinstance(m, nn.Conv2d) and self.cfg.stem == "conv":
+                continue
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -272,6 +308,7 @@ class QFormer(nn.Module):
         self.norm_in = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # BLIP-2 normalises the queries first
         self.layers = nn.ModuleList([QFormerLayer(cfg, i % cfg.cross_every == 0) for i in range(cfg.depth)])
         self.proj = nn.Linear(cfg.width, cfg.out_dim)
+        self.pool_proj = nn.Linear(cfg.vision_width, cfg.width) if cfg.pooled_queries else None
         self.init_weights()
 
     def init_weights(self):
@@ -288,13 +325,36 @@ class QFormer(nn.Module):
         """img (B, T, vision_width) -> (B, num_query, width), before `proj` (Hugging Face's last_hidden_state)."""
         if img.shape[-1] != self.cfg.vision_width:
             raise ValueError(f"image tokens have width {img.shape[-1]}, the Q-Former expects {self.cfg.vision_width}")
-        x = self.norm_in(self.query.expand(img.shape[0], -1, -1))  # (B, Q, width)
+        x = self.query.expand(img.shape[0], -1, -1)  # (B, Q, width)
+        if self.pool_proj is not None:
+            x = x + self.pool_proj(self.pool_regions(img))
+        x = self.norm_in(x)
         for layer in self.layers:
             x = layer(x, img)
         return x
 
     def forward(self, img):
         return self.proj(self.forward_features(img))  # (B, Q, out_dim)
+
+    def pool_regions(self, img):
+        """img (B, [1 +] g*g, W) ViT tokens -> (B, Q, W): the g x g grid average-pooled to Q = qh x qw
+        regions (qh the largest divisor of Q up to its square root), in row-major order.
+
+        With pooled_queries, query k starts as its learned vector plus its region's pooled tokens: a
+        locality-preserving projector (Cha et al. 2024, Honeybee's C-Abstractor, pools the same way).
+        Plain learned queries first attend almost uniformly, so every query reads the image's mean and
+        the box answer sits at the mean box until cross-attention learns to look somewhere (DETR's slow
+        start); a pooled query knows its region's content and place from the first step."""
+        B, T, W = img.shape
+        g = math.isqrt(T)
+        if g * g != T:  # a class token first
+            img, g = img[:, 1:], math.isqrt(T - 1)
+        if g * g != img.shape[1]:
+            raise ValueError(f"pooled queries need a square grid of image tokens, got {T}")
+        Q = self.cfg.num_query
+        qh = max(d for d in range(1, math.isqrt(Q) + 1) if Q % d == 0)
+        grid = img.transpose(1, 2).reshape(B, W, g, g)  # (B, W, g, g)
+        return F.adaptive_avg_pool2d(grid, (qh, Q // qh)).flatten(2).transpose(1, 2)  # (B, Q, W)
 
     @classmethod
     def from_pretrained(cls, folder, out_dim: int) -> "QFormer":

@@ -1,6 +1,7 @@
 """Tests of prepare.py: the NIfTI-1 reader on files written here, the converter on a
 tiny synthetic study and (when ../shared/data is present) on real BraTS cases, the demo dataset."""
 import gzip
+import re
 import json
 import struct
 
@@ -169,3 +170,67 @@ def test_demo_contrasts_follow_the_modalities():
     assert mean(t1n, 4) < wm(t1n) - 60  # necrosis
     assert mean(t2w, 1) > wm(t2w) + 60 and mean(t2f, 1) < wm(t2f) - 40  # CSF
     assert t2f[:4].max() == 0 and t1c[60:].max() == 0  # skull-stripped background
+
+
+# -- image + mask pairs -----------------------------------------------------------------------------
+
+def _pair(folder, key, mask, modalities=("flair", "t1c"), size=None):
+    """Grey images `<key>_<mod>.png` and a mask `<key>_seg.png` (uint8 array, 0 and 255)."""
+    H, W = mask.shape if size is None else size
+    for j, m in enumerate(modalities):
+        Image.fromarray(np.full((H, W), 40 * (j + 1), np.uint8)).save(folder / f"{key}_{m}.png")
+    Image.fromarray(mask).save(folder / f"{key}_seg.png")
+
+
+def test_masks_boxes_regions_cases_and_split(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    two = np.zeros((40, 50), np.uint8)
+    two[5:10, 3:9] = 255          # a 6 x 5 region
+    two[20:31, 30:45] = 255       # a 15 x 11 region
+    _pair(src, "p1_2", two)
+    _pair(src, "p1_10", np.zeros((40, 50), np.uint8))  # no tumour
+    one = np.zeros((40, 50), np.uint8)
+    one[0:2, 0:2] = 1  # a 0/1 mask reads the same as 0/255
+    _pair(src, "p2_1", one)
+    mods = {"t2f": "{}_flair.png", "t1c": "{}_t1c.png"}
+    n = prepare.convert_masks(src, tmp_path / "out", mods, "{}_seg.png", val_fraction=0.5, log=lambda *a: None)
+    assert n == 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert [r["t2f Axial_path"] for r in rows] == ["../src/p1_2_flair.png", "../src/p1_10_flair.png", "../src/p2_1_flair.png"]
+    assert rows[0]["box"] == [[45, 31, 3, 5]]  # one box around all of mask > 0, [maxx, maxy, minx, miny]
+    assert rows[1]["box"] == [] and rows[2]["box"] == [[2, 2, 0, 0]]
+    assert [r["case"] for r in rows] == ["p1", "p1", "p2"]  # from the file names
+    val = (tmp_path / "out" / "val.jsonl").read_text().splitlines()
+    train = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
+    assert len(val) + len(train) == 3 and {json.loads(v)["case"] for v in val}.isdisjoint(json.loads(t)["case"] for t in train)
+    mods_read, samples = data.read_summary(tmp_path / "out" / "summary.jsonl", require_boxes=False)
+    assert mods_read == ["t2f Axial", "t1c Axial"] and samples[0].size == (50, 40)
+
+    # one box per connected region of at least 30 pixels; the csv names the patients
+    (src / "cases.csv").write_text("key,patient\np1_2,A\np1_10,B\np2_1,B\n")
+    prepare.convert_masks(src, tmp_path / "out2", mods, "{}_seg.png", cases_csv=src / "cases.csv", min_region_px=30,
+                          log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "out2" / "summary.jsonl").read_text().splitlines()]
+    assert rows[0]["box"] == [[9, 10, 3, 5], [45, 31, 30, 20]]
+    assert rows[2]["box"] == []  # its 4-pixel region is below the size
+    assert [r["case"] for r in rows] == ["A", "B", "B"]
+
+
+def test_masks_bad_input_names_the_file(tmp_path):
+    mods = {"t2f": "{}_flair.png", "t1c": "{}_t1c.png"}
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:5, 2:5] = 255
+    cases = [
+        ("size", lambda d: _pair(d, "a", mask, size=(20, 24)), "a_seg.png: mask is 20x20 but its image is 24x20"),
+        ("partner", lambda d: (_pair(d, "a", mask), (d / "a_t1c.png").unlink()), "a_t1c.png: missing"),
+        ("binary", lambda d: _pair(d, "a", (mask // 2 + np.eye(20, dtype=np.uint8)).astype(np.uint8)), "a_seg.png: mask is not binary"),
+        ("unreadable", lambda d: (_pair(d, "a", mask), (d / "a_seg.png").write_bytes(b"not a png")), "a_seg.png: cannot read the mask"),
+        ("nothing", lambda d: None, "no file matches the t2f pattern"),
+    ]
+    for name, make, message in cases:
+        d = tmp_path / name
+        d.mkdir()
+        make(d)
+        with pytest.raises(data.DataError, match=re.escape(message)):
+            prepare.convert_masks(d, tmp_path / f"out_{name}", mods, "{}_seg.png", log=lambda *a: None)
