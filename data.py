@@ -26,6 +26,7 @@ from PIL import Image
 # Normalisation of the CLIP / BLIP-2 (EVA) vision encoders.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_IMAGE_SIDE = 8  # pixels; an image smaller than this on a side is not a scan
 
 
 
@@ -116,9 +117,13 @@ def _image_size(p, where, key, decode):
         with Image.open(p) as im:
             if decode:
                 im.load()  # raises on truncated or corrupt data
-            return im.size
+            size = im.size
     except Exception as e:  # pillow raises several types for bad files
         raise DataError(f"{where}: '{key}' cannot be read as an image: {p} ({e})") from None
+    if min(size) < MIN_IMAGE_SIDE:
+        raise DataError(f"{where}: '{key}' image of {size[0]}x{size[1]} pixels is too small "
+                        f"(at least {MIN_IMAGE_SIDE} per side): {p}")
+    return size
 
 
 def _parse_boxes(value, box_format, W, H, where):
@@ -165,11 +170,33 @@ def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
     A grayscale slice becomes three equal channels, as pretrained ViTs expect RGB."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im = to_8bit_range(im, path).resize((size, size), Image.BICUBIC)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot be read as an image ({e})") from None
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    if im.mode == "F":  # high bit depth, already in [0, 1]: grey -> three equal channels
+        x = torch.from_numpy(np.clip(np.asarray(im, dtype=np.float32), 0, 1))[None].expand(3, -1, -1)
+    else:
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+
+def to_8bit_range(im, path):
+    """8-bit images (grey, RGB, palette, RGBA, CMYK) as they are, for pillow's RGB conversion; 16- and
+    32-bit grey (modes I;16, I, F: how MRI slices are often exported) -> mode F scaled by the image's own
+    range, min -> 0 and max -> 1. Pillow's RGB conversion would clip those at 255 (a nearly white
+    picture); scaled, a picture saved in 16 bits reads like the same picture in 8 bits. A tiny or empty
+    image is a DataError."""
+    W, H = im.size
+    if min(W, H) < MIN_IMAGE_SIDE:
+        raise DataError(f"{path}: image of {W}x{H} pixels is too small (at least {MIN_IMAGE_SIDE} per side)")
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    return Image.fromarray(((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)).astype(np.float32), mode="F")
 
 
 def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
@@ -451,6 +478,31 @@ class Augment:
         corners = torch.stack([p[..., [0, 1]], p[..., [2, 1]], p[..., [0, 3]], p[..., [2, 3]]], -2)  # (B, K, 4, 2)
         u = torch.einsum("bij,bkcj->bkci", torch.linalg.inv(A), corners - t[:, None, None, :])
         return x, ((torch.cat([u.amin(-2), u.amax(-2)], -1) + 1) / 2).clamp(0, 1)
+
+
+def batch_indices(step, batch_size, n, seed, rank=0, world=1):
+    """The sample indices (batch_size,) of one process at one step. All processes together walk one stream
+    of samples, epoch after epoch, each epoch a permutation of the n samples drawn from (seed, epoch);
+    at each step process `rank` takes its own batch_size of them. A fixed function of the step, so a
+    resumed run sees the same data."""
+    first = (step * world + rank) * batch_size  # this process's place in the stream of all samples
+    pos = torch.arange(first, first + batch_size)
+    epoch, k = pos.div(n, rounding_mode="floor"), pos % n
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_STRIDE + e))
+             for e in epoch.unique().tolist()}
+    return torch.stack([perms[e][i] for e, i in zip(epoch.tolist(), k.tolist())])
+
+
+# Seeds derived from the run's seed: far apart, so that no two (seed, epoch) or (seed, step) pairs of
+# realistic runs share one.
+EPOCH_STRIDE = 100_003
+STEP_STRIDE = 1_000_003
+
+
+def step_generator(seed, step, rank=0, world=1):
+    """The random stream of one process at one step (augmentation draws from it): different for every
+    step and process, the same whenever the step is run again (resume)."""
+    return torch.Generator().manual_seed((seed * STEP_STRIDE + step) * world + rank)
 
 
 # -----------------------------------------------------------------------------

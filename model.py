@@ -735,12 +735,18 @@ class MiniGPT(nn.Module):
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder / name}: not found (expected a folder written by save_pretrained)")
-        d = json.loads((folder / "config.json").read_text())
-        d.pop("meta", None)
-        cfg = MiniGPTConfig.from_dict(d)
-        model = cls(cfg, llm=LLaMA.empty(cfg.llm))
+        try:
+            d = json.loads((folder / "config.json").read_text())
+            d.pop("meta", None)
+            cfg = MiniGPTConfig.from_dict(d)
+            model = cls(cfg, llm=LLaMA.empty(cfg.llm))
+        except Exception as e:  # bad JSON, unknown or missing keys, impossible sizes
+            raise CheckpointError(f"{folder / 'config.json'}: not a MiniGPT config ({type(e).__name__}: {e})") from None
         try:
             load_model(model, str(folder / "model.safetensors"), strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{folder / 'model.safetensors'}: does not match its config.json: {e}") from None
+            raise CheckpointError(f"{folder / 'model.safetensors'}: does not match its config.json: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
+        except Exception as e:  # safetensors' own errors: truncated file, bad header
+            raise CheckpointError(f"{folder / 'model.safetensors'}: cannot be read ({e})") from None
         return model

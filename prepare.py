@@ -19,6 +19,7 @@ import math
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -501,6 +502,7 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Make datasets for minigpt-mri.")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="write a synthetic BraTS-like demo dataset")
     p.add_argument("out_dir", help="output folder (images/, summary.jsonl, contact_sheet.png)")
@@ -555,5 +557,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    except DataError as e:  # the user's input: one line, no traceback
+        sys.exit(f"error: {e}")

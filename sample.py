@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
-from model import MiniGPT
+from model import CheckpointError, MiniGPT
 
 
 def find_checkpoint(path):
@@ -28,14 +28,18 @@ def find_checkpoint(path):
     for folder in (path, path / "ckpt"):
         if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
             return folder
-    sys.exit(f"no checkpoint in {path}: expected {path / 'ckpt' / 'model.safetensors'} (train one with "
+    sys.exit(f"error: no checkpoint in {path}: expected {path / 'ckpt' / 'model.safetensors'} (train one with "
              f"`python train.py --out {path}`) or a folder holding model.safetensors and config.json")
 
 
 def load(ckpt):
     """-> model (eval mode), its data settings (modalities, image size, normalisation, ...), tokenizer."""
     model = MiniGPT.from_checkpoint(ckpt)
-    meta = json.loads((ckpt / "config.json").read_text())["meta"]
+    meta = json.loads((ckpt / "config.json").read_text()).get("meta")
+    if not isinstance(meta, dict) or "modalities" not in meta:
+        raise CheckpointError(f"{ckpt / 'config.json'}: no \"meta\" with the data settings (not written by train.py)")
+    if not (ckpt / "tokenizer.model").is_file():
+        raise CheckpointError(f"{ckpt / 'tokenizer.model'}: missing (train.py writes it beside the weights)")
     tokenizer = data.Tokenizer(ckpt / "tokenizer.model", model.cfg.num_bins)
     return model.eval(), meta, tokenizer
 
@@ -73,6 +77,7 @@ def draw(sample, modalities, pred, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage
     p.add_argument("--images", nargs="+", help="one image per modality, in the checkpoint's order (see the error for which)")
     p.add_argument("--data", help="a summary.jsonl: answer every row (batched); scored when its rows carry boxes")
     p.add_argument("--out", help="with --data: write predictions here, one JSON line per input line (default: stdout)")
@@ -99,13 +104,13 @@ def main(argv=None):
 
     if args.images:
         if len(args.images) != len(modalities):
-            sys.exit(f"got {len(args.images)} images, but the checkpoint {ckpt} expects {len(modalities)}, "
+            sys.exit(f"error: got {len(args.images)} images, but the checkpoint {ckpt} expects {len(modalities)}, "
                      f"one per modality in this order: {', '.join(modalities)}")
         samples = [data.sample_from_images(args.images)]
     elif args.data:
         file_mods, samples = data.read_summary(args.data, box_format=box_format, require_boxes=False)
         if sorted(file_mods) != sorted(modalities):
-            sys.exit(f"{args.data}: modalities {file_mods} differ from the checkpoint's {modalities}")
+            sys.exit(f"error: {args.data}: modalities {file_mods} differ from the checkpoint's {modalities}")
         order = [file_mods.index(m) for m in modalities]  # the same modalities in another key order: the model's
         for s in samples:
             s.paths = [s.paths[k] for k in order]
@@ -113,7 +118,7 @@ def main(argv=None):
         train_args = meta["args"]
         path = train_args["val"] or train_args["data"]
         if not Path(path).exists():
-            sys.exit(f"nothing to answer: give --images or --data (the training data {path} is not at hand)")
+            sys.exit(f"error: nothing to answer: give --images or --data (the training data {path} is not at hand)")
         _, samples = data.read_summary(path, box_format=meta["box_format"])
         if not train_args["val"]:
             samples = data.split_by_patient(samples, train_args["val_fraction"], train_args["seed"])[1]
@@ -143,4 +148,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (data.DataError, CheckpointError) as e:  # the user's input: one line, no traceback
+        sys.exit(f"error: {e}")

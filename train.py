@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 import data
 import prepare
 from model import LLaMAConfig, MiniGPT, MiniGPTConfig
-from vision import QFormerConfig, ViTConfig
+from vision import CheckpointError, QFormerConfig, ViTConfig
 
 # Recipes: the defaults of every size and schedule knob, per kind of device. A flag given on the
 # command line wins. The CPU recipe trains in minutes on 2 cores; the GPU recipe fills an H200-class GPU.
@@ -48,6 +48,7 @@ GPU_RECIPE = dict(
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training summary.jsonl (default: make the demo dataset under OUT/demo and train on it)")
     g.add_argument("--val", help="validation summary.jsonl (default: a patient-level split of --data)")
@@ -116,11 +117,18 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, help="evaluate and save every N steps (default: recipe)")
     g.add_argument("--log-every", type=int, default=25, help="progress line every N steps (default 25)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and the split (default 0)")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out; the model is rebuilt from that checkpoint's own settings")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a checkpoint, replacing it at the first save (default: refuse)")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     args = p.parse_args(argv)
+    args.given = sorted(given_flags(p, sys.argv[1:] if argv is None else argv))  # saved with the run
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite contradict each other: --resume continues the checkpoint in --out, "
+                "--overwrite replaces it")
 
     if args.minigpt4:
         if not (args.vision and args.llm):
@@ -143,15 +151,34 @@ def get_args(argv=None):
     return args
 
 
-# -----------------------------------------------------------------------------
-# Data order
+def given_flags(parser, argv):
+    """The dests of the options written on the command line (as opposed to defaults and recipe values)."""
+    words = {w.split("=", 1)[0] for w in argv if w.startswith("--")}
+    return {a.dest for a in parser._actions if any(o in words or "--no-" + o[2:] in words for o in a.option_strings)}
 
-def batch_indices(step, batch_size, n, seed, rank=0, world=1):
-    """The sample indices of one step: a fixed function of the step, so a resumed run sees the same data."""
-    first = step * batch_size * world + rank * batch_size  # this process's place in the stream of all samples
-    epoch, pos = torch.arange(first, first + batch_size).div(n, rounding_mode="floor"), torch.arange(first, first + batch_size) % n
-    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e)) for e in epoch.unique().tolist()}
-    return torch.stack([perms[e][p] for e, p in zip(epoch.tolist(), pos.tolist())])  # (batch_size,)
+
+# What fixes the model and its data pipeline: on --resume these come from the checkpoint, and a flag that
+# disagrees with it is an error (a resumed run cannot change the shapes it trained).
+MODEL_FLAGS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem", "num_query",
+               "qformer_width", "qformer_depth", "qformer_heads", "cross_every", "pooled_queries", "dim", "n_layers",
+               "n_heads", "n_kv_heads", "num_bins", "box_head", "loc_sigma", "patch_loss", "fusion", "template",
+               "max_boxes", "lora_rank", "lora_alpha", "flip_average", "box_format", "vision", "llm", "minigpt4")
+
+
+def resume_args(args, ckpt):
+    """Take the model's settings from the checkpoint's config.json; a flag given on this command line
+    that disagrees is a CheckpointError naming the flag and both values."""
+    try:
+        saved = json.loads((ckpt / "config.json").read_text())["meta"]["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: cannot read the run's settings ({e})") from None
+    for k in MODEL_FLAGS:
+        if k not in saved:
+            continue
+        if k in args.given and getattr(args, k) != saved[k]:
+            raise CheckpointError(f"--{k.replace('_', '-')} {getattr(args, k)} disagrees with the checkpoint in {ckpt} "
+                                  f"({saved[k]}); drop the flag to resume, or train afresh with another --out")
+        setattr(args, k, saved[k])
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +258,13 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    # ---- data and tokenizer
+    # ---- the output folder: never replace a checkpoint by accident
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--out {out}: is a file; name a folder (it is created if missing)")
+    has_ckpt = any((out / n / "model.safetensors").exists() for n in ("ckpt", "ckpt.old"))
+    if has_ckpt and not (args.resume or args.overwrite):
+        raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with --resume, train into "
+                              f"another --out, or replace it with --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     resume_state = None
     if args.resume:
@@ -239,8 +272,15 @@ def main(argv=None):
         if not ckpt.exists() and (out / "ckpt.old").exists():  # a crash between save_checkpoint's two renames
             (out / "ckpt.old").rename(ckpt)
         if not (ckpt / "train_state.pt").exists():
-            sys.exit(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
-        resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
+        for name in ("config.json", "model.safetensors", "tokenizer.model"):
+            if not (ckpt / name).is_file():
+                raise CheckpointError(f"{ckpt / name}: missing; the checkpoint cannot be resumed")
+        try:
+            resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises several types for damaged files
+            raise CheckpointError(f"{ckpt / 'train_state.pt'}: cannot be read ({e})") from None
+        resume_args(args, ckpt)
     if args.data is None:
         if master:
             args.data = str(prepare.make_demo(out / "demo", seed=args.seed))
@@ -251,7 +291,7 @@ def main(argv=None):
     if args.val:
         val_mods, val_samples = data.read_summary(args.val, box_format=args.box_format)
         if val_mods != modalities:
-            sys.exit(f"{args.val}: modalities {val_mods} differ from {args.data}'s {modalities}")
+            raise data.DataError(f"{args.val}: modalities {val_mods} differ from {args.data}'s {modalities}")
         train_samples = samples
     else:
         train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
@@ -263,7 +303,7 @@ def main(argv=None):
                 f"{', ...' if len(empty) > 5 else ''}); the model answers with a box, so only rows with one count")
     train_samples, val_samples = [s for s in train_samples if s.boxes], [s for s in val_samples if s.boxes]
     if not train_samples or not val_samples:
-        sys.exit(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
+        raise data.DataError(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
     n_img = len(modalities)
     if args.llm:
         tokenizer = data.Tokenizer(Path(args.llm) / "tokenizer.model", args.num_bins)
@@ -337,7 +377,7 @@ def main(argv=None):
     tr_tokens = None
     if args.cache_features:  # a frozen ViT on unchanging pixels: its output is a constant of each image
         if not model.frozen["vit"] or args.augment:
-            sys.exit("--cache-features needs a frozen ViT (--freeze-vit or --minigpt4) and --no-augment "
+            sys.exit("error: --cache-features needs a frozen ViT (--freeze-vit or --minigpt4) and --no-augment "
                      "(augmented pixels change every step, so their features cannot be stored)")
         t0 = time.time()
         with torch.no_grad(), autocast():
@@ -403,14 +443,15 @@ def main(argv=None):
         lr = lr_at(step, elapsed)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = batch_indices(step, args.batch_size, len(train_samples), args.seed, rank, world)
+        # this process's share of the step's samples: a fixed function of (seed, step, rank), so a resumed run sees the same data
+        idx = data.batch_indices(step, args.batch_size, len(train_samples), args.seed, rank, world)
         if tr_tokens is None:
             images, tokens = tr_images[idx].to(device, non_blocking=True).float(), None
         else:
             images, tokens = None, tr_tokens[idx].to(device, non_blocking=True)
         boxes = tr_boxes[idx].to(device)
         if augment:
-            images, boxes = augment(images, boxes, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank))
+            images, boxes = augment(images, boxes, data.step_generator(args.seed, step, rank, world))
         answer, mask = data.answer_tokens(boxes, tr_nbox[idx].to(device), cfg.num_bins, cfg.loc_start,
                                           cfg.box_end_id, cfg.eos_id, cfg.pad_id)
         for k in range(args.grad_accum):
@@ -457,4 +498,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (data.DataError, CheckpointError) as e:  # the user's input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -232,6 +232,8 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.cfg.stem == "patch":  # LeCun normal: unit-scale patch embeddings beside the unit-scale positions
+            nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_embed.weight[0].numel() ** -0.5)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         with torch.no_grad():

@@ -235,3 +235,111 @@ def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo
     _, samples = data.read_summary(demo)
     answer = json.loads(run("sample.py", "--ckpt", out, "--images", *samples[0].paths).stdout.strip().splitlines()[-1])
     assert len(answer["box"][0]) == 4 and answer["size"] == list(samples[0].size)
+
+
+# -- a user's mistakes: one line that names the culprit, no traceback, nothing lost ------------------
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _copy_ckpt(trained, folder):
+    """A copy of the trained run's checkpoint folder under folder/ckpt -> folder."""
+    import shutil
+    shutil.copytree(trained[0] / "ckpt", folder / "ckpt")
+    return folder
+
+
+def _bad_inputs(t, demo, trained):
+    """(name, script, argv, words the one error line must hold, folder whose checkpoint must survive)."""
+    rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
+    img = rows[0]["t2f Axial_path"]
+    d = Path(demo).parent
+    line = lambda **change: json.dumps({**rows[0], **change})
+    bad_jsonl = lambda name, *lines: _write(d / f"{name}.jsonl", "\n".join([json.dumps(rows[1]), *lines]) + "\n")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("L", (4, 4)).save(d / "tiny.png")
+    data_argv = lambda f: ["--data", f, "--out", t / "o", *TINY]
+    ckpt = lambda name: _copy_ckpt(trained, t / name)
+    first = [str(d / p) for k, p in rows[0].items() if k.endswith("_path")]
+
+    def damaged(name, damage):
+        folder = ckpt(name)
+        damage(folder / "ckpt")
+        return folder
+
+    def reshape(c):  # tensors of another shape than the config says
+        cfg = json.loads((c / "config.json").read_text())
+        cfg["llm"]["hidden_dim"] += 32
+        (c / "config.json").write_text(json.dumps(cfg))
+
+    return [
+        ("no jsonl", "train.py", data_argv(d / "none.jsonl"), ["none.jsonl", "not found"], None),
+        ("bad json", "train.py", data_argv(bad_jsonl("badjson", "{not json")), ["badjson.jsonl:2"], None),
+        ("not an object", "train.py", data_argv(bad_jsonl("list", "[1, 2]")), ["list.jsonl:2"], None),
+        ("no paths", "train.py", data_argv(bad_jsonl("nopath", '{"box": [[1, 2, 3, 4]]}')), ["nopath.jsonl:2"], None),
+        ("other modalities", "train.py", data_argv(bad_jsonl("mods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))),
+         ["mods.jsonl:2"], None),
+        ("missing image", "train.py", data_argv(bad_jsonl("noimg", line(**{"t2f Axial_path": "gone.jpg"}))), ["noimg.jsonl:2", "gone.jpg"], None),
+        ("corrupt image", "train.py", data_argv(bad_jsonl("corrupt", line(**{"t2f Axial_path": "corrupt.jpg"}))),
+         ["corrupt.jsonl:2", "corrupt.jpg"], None),
+        ("tiny image", "train.py", data_argv(bad_jsonl("tiny", line(**{"t2f Axial_path": "tiny.png"}))),
+         ["tiny.jsonl:2", "too small"], None),
+        ("flat box", "train.py", data_argv(bad_jsonl("flat", line(box=[[10, 10, 10, 20]]))), ["flat.jsonl:2"], None),
+        ("nan box", "train.py", data_argv(bad_jsonl("nan", line(box=[[float("nan"), 1, 5, 5]]))), ["nan.jsonl:2"], None),
+        ("text box", "train.py", data_argv(bad_jsonl("textbox", line(box=[["a", 1, 5, 5]]))), ["textbox.jsonl:2"], None),
+        ("short box", "train.py", data_argv(bad_jsonl("short", line(box=[[1, 5, 5]]))), ["short.jsonl:2"], None),
+        ("empty file", "train.py", data_argv(_write(d / "empty.jsonl", "\n")), ["empty.jsonl"], None),
+        ("val modalities", "train.py", [*data_argv(demo), "--val", bad_jsonl("valmods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))],
+         ["valmods.jsonl"], None),
+        ("out is a file", "train.py", ["--data", demo, "--out", _write(t / "afile", "x"), *TINY], ["--out", "afile", "is a file"], None),
+        ("existing checkpoint", "train.py", ["--data", demo, "--out", ckpt("keep"), *TINY], ["--resume", "--overwrite", "keep"], t / "keep"),
+        ("resume with another size", "train.py", ["--data", demo, "--out", ckpt("resize"), "--resume", *TINY, "--dim", "64"],
+         ["--dim 64", "(32)"], t / "resize"),
+        ("resume and overwrite", "train.py", ["--data", demo, "--out", ckpt("both"), "--resume", "--overwrite", *TINY],
+         ["--resume", "--overwrite"], t / "both"),
+        ("resume nothing", "train.py", ["--data", demo, "--out", t / "fresh", "--resume", *TINY], ["--resume", "fresh"], None),
+        ("resume damaged state", "train.py", ["--data", demo, "--resume", *TINY, "--out",
+                                              damaged("state", lambda c: (c / "train_state.pt").write_bytes(b"junk"))],
+         ["train_state.pt", "cannot be read"], t / "state"),
+        ("cache without frozen vit", "train.py", [*data_argv(demo), "--cache-features"], ["--cache-features"], None),
+        ("unknown flag value", "train.py", [*data_argv(demo), "--box-head", "circle"], ["--box-head", "circle"], None),
+        ("truncated weights", "sample.py", ["--images", *first, "--ckpt",
+                                            damaged("trunc", lambda c: (c / "model.safetensors").write_bytes(
+                                                (c / "model.safetensors").read_bytes()[:100]))],
+         ["model.safetensors"], t / "trunc"),
+        ("no weights", "sample.py", ["--images", *first, "--ckpt", damaged("noweights", lambda c: (c / "model.safetensors").unlink())],
+         ["no checkpoint in", "noweights"], t / "noweights"),
+        ("broken config", "sample.py", ["--images", *first, "--ckpt", damaged("badcfg", lambda c: (c / "config.json").write_text("{"))],
+         ["config.json"], t / "badcfg"),
+        ("no config", "sample.py", ["--images", *first, "--ckpt", damaged("nocfg", lambda c: (c / "config.json").unlink())],
+         ["no checkpoint in", "nocfg"], t / "nocfg"),
+        ("no tokenizer", "sample.py", ["--images", *first, "--ckpt", damaged("notok", lambda c: (c / "tokenizer.model").unlink())],
+         ["tokenizer.model", "missing"], t / "notok"),
+        ("tensors of another shape", "sample.py", ["--images", *first, "--ckpt", damaged("shape", reshape)],
+         ["model.safetensors", "does not match"], t / "shape"),
+        ("wrong image count", "sample.py", ["--ckpt", trained[0], "--images", *first[:2]], ["got 2 images"], None),
+        ("missing image to answer", "sample.py", ["--ckpt", trained[0], "--images", *first[:3], str(d / "gone.png")],
+         ["gone.png"], None),
+        ("corrupt image to answer", "sample.py", ["--ckpt", trained[0], "--images", *first[:3], str(d / "corrupt.jpg")],
+         ["corrupt.jpg"], None),
+        ("bad rows to answer", "sample.py", ["--ckpt", trained[0], "--data", bad_jsonl("answerbad", "{oops")], ["answerbad.jsonl:2"], None),
+        ("prepare without cases", "prepare.py", ["brats", t / "nowhere", t / "prep"], ["nowhere", "no case folders"], None),
+    ]
+
+
+def test_bad_inputs_give_one_clear_line_and_keep_checkpoints(trained, demo, tmp_path):
+    cases = _bad_inputs(tmp_path, demo, trained)
+    assert len(cases) >= 25
+    for name, script, argv, words, keep in cases:
+        before = {p: p.read_bytes() for p in sorted((keep / "ckpt").iterdir())} if keep else {}
+        r = run(script, *argv, ok=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0, f"{name}: exit code 0\n{r.stdout}"
+        assert "Traceback" not in r.stderr and len(lines) == 1, f"{name}: not one line:\n{r.stderr}"
+        assert all(w in lines[0] for w in map(str, words)), f"{name}: {lines[0]!r} lacks {words}"
+        if keep:
+            after = {p: p.read_bytes() for p in sorted((keep / "ckpt").iterdir())}
+            assert after == before, f"{name}: the checkpoint in {keep} changed"
