@@ -120,7 +120,7 @@ def _image_size(p, where, key, decode):
             size = im.size
     except Exception as e:  # pillow raises several types for bad files
         raise DataError(f"{where}: '{key}' cannot be read as an image: {p} ({e})") from None
-    if min(size) < MIN_IMAGE_SIDE:
+    if decode and min(size) < MIN_IMAGE_SIDE:  # decode: the images are to be read as pixels, not just listed
         raise DataError(f"{where}: '{key}' image of {size[0]}x{size[1]} pixels is too small "
                         f"(at least {MIN_IMAGE_SIDE} per side): {p}")
     return size

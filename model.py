@@ -616,7 +616,10 @@ class MiniGPT(nn.Module):
         adapters (small) and a frozen Q-Former after a trained ViT (not a setup we use)."""
         c, v, q = self.cfg, self.cfg.vit, self.cfg.qformer
         N, T = c.n_images, v.grid ** 2 + int(v.class_token)
-        patch = N * 2 * v.grid ** 2 * v.channels * v.patch_size ** 2 * v.width
+        if v.stem == "patch":
+            patch = N * 2 * v.grid ** 2 * v.channels * v.patch_size ** 2 * v.width
+        else:  # a conv stem: its own count
+            patch = N * self.vit.patch_embed.flops(v.image_size)
         vit = N * v.depth * (2 * T * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * T * T * v.width)
         passes, Tk = (1, N * T) if c.fusion == "early" else (N, T)  # Q-Former passes, image tokens each reads
         Q, w = q.num_query, q.width
@@ -634,14 +637,15 @@ class MiniGPT(nn.Module):
             return patch + vit + qformer + kv + proj + body + attn + head
         fv, fq, fl = self.frozen["vit"], self.frozen["qformer"], self.frozen["llm"]
         grads = lambda weights, inputs: 1 + int(weights) + int(inputs)  # forward + backward matmuls
-        return (patch * (1 + int(not fv)) + vit * grads(not fv, not fv)
+        stem_grads = (1 + int(not fv)) if v.stem == "patch" else grads(not fv, not fv)  # a conv stem's inner inputs need gradients too
+        return (patch * stem_grads + vit * grads(not fv, not fv)
                 + qformer * (grads(True, True) if not fq else grads(False, True) if not fv else 1)
                 + kv * grads(not fq, not fv)
                 + proj * grads(True, not (fq and fv)) + body * grads(not fl, True) + attn * 3 + head * 3)
 
     # ---- answering
 
-    def constrain(self, logits, t: int, done, min_boxes: int = 1):
+    def grammar_step(self, logits, t: int, done, min_boxes: int = 1):
         """One greedy step of the box grammar: location tokens in groups of 4, `</box>` only after a
         complete group (and at least min_boxes), at most max_boxes groups. logits (B, V), done (B,)
         bool -> next token (B,), bin (B,) (-1 once done), done. Branches only on the step t (a Python
@@ -683,7 +687,7 @@ class MiniGPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         input_pos = torch.tensor([P], device=device)
         for t in range(n):
-            token, bins, done = self.constrain(logits, t, done, min_boxes)
+            token, bins, done = self.grammar_step(logits, t, done, min_boxes)
             out[:, t] = bins
             if t + 1 < n:
                 logits = self.decode_step(token, input_pos)
@@ -691,21 +695,21 @@ class MiniGPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict_boxes(self, images):
+    def answer_boxes(self, images):
         """images (B, N, 3, S, S) -> (B, 4) normalised [x0, y0, x1, y1]: the first answered box, read
         at its bins' centres (tokens), or the box head's output (regress: one prefill, no decoding).
         With cfg.flip_average, the mean of that box and the mirror image of the box answered for the
         left-right mirrored study (one batch of 2B): a model trained with random flips answers both."""
         if not self.cfg.flip_average:
-            return self.answer_boxes(images)
+            return self.answer_boxes_once(images)
         B = images.shape[0]
-        b = self.answer_boxes(torch.cat([images, images.flip(-1)]))  # (2B, 4)
+        b = self.answer_boxes_once(torch.cat([images, images.flip(-1)]))  # (2B, 4)
         x0, y0, x1, y1 = b[B:].unbind(-1)
         return (b[:B] + torch.stack([1 - x1, y0, 1 - x0, y1], -1)) / 2
 
     @torch.no_grad()
-    def answer_boxes(self, images):
-        """predict_boxes without flip averaging: images (B, N, 3, S, S) -> (B, 4) normalised."""
+    def answer_boxes_once(self, images):
+        """answer_boxes without flip averaging: images (B, N, 3, S, S) -> (B, 4) normalised."""
         if self.box_mlp is not None:
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
             h = self.llm(x, torch.arange(x.shape[1], device=x.device))

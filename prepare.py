@@ -76,10 +76,11 @@ def write_contact_sheet(jsonl_path, png_path, max_rows=12, tile=128):
     return png_path
 
 
-def _box_of(mask):
-    """Whole-tumour mask (H, W) -> [maxx, maxy, minx, miny] in pixel-edge coordinates (covers the pixels)."""
+def mask_box(mask):
+    """Tumour mask (H, W) -> the jsonl box that covers its pixels: pixel-edge [x0, y0, x1, y1] written
+    in the summary.jsonl corner order (data.box_to_output)."""
     ys, xs = np.nonzero(mask)
-    return [int(xs.max()) + 1, int(ys.max()) + 1, int(xs.min()), int(ys.min())]
+    return data.box_to_output([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], "corners")
 
 
 def _save_gray(u8, path):
@@ -229,7 +230,7 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
                 name = f"images/{case}_{j}_{MODALITIES.index(m)}.jpg"
                 _save_gray(img, out_dir / name)
                 row[f"{m} Axial_path"] = name
-            row["box"] = [_box_of(whole)]
+            row["box"] = [mask_box(whole)]
             rows.append(row)
     write_jsonl(out_dir / "summary.jsonl", rows)
     write_contact_sheet(out_dir / "summary.jsonl", out_dir / "contact_sheet.png")
@@ -356,7 +357,7 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, val_fraction=0.2
                     name = f"images/{d.name}_{vi}-{k:03d}_{j}.jpg"
                     _save_gray(np.ascontiguousarray(_slice(img, view, k)), folder / name)
                     row[f"{m} {view.capitalize()}_path"] = name
-                row["box"] = [_box_of(_slice(seg, view, k))]
+                row["box"] = [mask_box(_slice(seg, view, k))]
                 rows[view].append(row)
             added[view] = int((counts >= min_tumor_px).sum())
         log(f"{d.name}: " + ", ".join(f"{view} {n} slices" for view, n in added.items()))
@@ -485,7 +486,7 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
         else:
             case = data.case_id(*map(str, paths))
         row = {f"{name} {view}_path": os.path.relpath(p, out) for name, p in zip(modalities, paths)}
-        row.update(box=[_box_of(r) for r in parts], case=case)
+        row.update(box=[mask_box(r) for r in parts], case=case)
         rows.append(row)
         cases.append(case)
     if len(set(cases)) < 2:

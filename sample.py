@@ -55,7 +55,7 @@ def predict(model, samples, meta, device, batch_size=32, pad=False):
         x = torch.stack([data.load_images(s, meta["image_size"], meta["mean"], meta["std"]) for s in chunk])
         if pad and len(samples) > batch_size and len(chunk) < batch_size:
             x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
-        boxes = model.predict_boxes(x.to(device, dtype)).float().cpu()[: len(chunk)]  # (b, 4) normalised
+        boxes = model.answer_boxes(x.to(device, dtype)).float().cpu()[: len(chunk)]  # (b, 4) normalised
         preds += [data.to_pixels(b, s.size) for b, s in zip(boxes, chunk)]
     return preds
 

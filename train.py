@@ -83,8 +83,9 @@ def get_args(argv=None):
                         ("n-kv-heads", "LLM key/value heads (grouped-query attention)"),
                         ("num-bins", "location bins per coordinate")]:
         g.add_argument(f"--{name}", type=int, help=f"{help_} (default: recipe)")
-    g.add_argument("--vit-stem", choices=["patch", "conv"],
-                   help="from-scratch ViT: patch (one strided conv) or conv (3x3 stride-2 convs with BatchNorm, Xiao et al. 2021) (default: recipe)")
+    g.add_argument("--vit-stem", choices=["patch", "cnn", "conv"],
+                   help="from-scratch ViT patch embedding: patch (one strided conv), cnn (conv-BN-ReLU pairs and max-pooling: "
+                        "a hybrid ViT), conv (one stride-2 conv per halving, Xiao et al. 2021) (default: recipe)")
     g.add_argument("--pooled-queries", action=argparse.BooleanOptionalAction, default=None,
                    help="from-scratch Q-Former: each query starts with its region of the image grid, average-pooled (default: recipe)")
     g.add_argument("--patch-loss", type=float,
@@ -189,7 +190,7 @@ def predict(model, images, samples, device, autocast, batch_size=64):
     """-> one predicted box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
     model.eval()
     with autocast():
-        boxes = torch.cat([model.predict_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
+        boxes = torch.cat([model.answer_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
                            for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
     return [data.to_pixels(b, s.size) for b, s in zip(boxes, samples)]
 

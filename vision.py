@@ -53,7 +53,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     channels: int = 3
     patch_bias: bool = True  # CLIP's patch embedding has no bias
-    stem: str = "patch"  # "patch": one conv of stride patch_size (every pretrained layout); "conv": see ConvStem
+    stem: str = "patch"  # "patch": one conv of stride patch_size (every pretrained layout); "cnn", "conv": see ConvStem
 
     @property
     def grid(self) -> int:
@@ -170,28 +170,36 @@ def sincos_2d(grid: int, dim: int):
 
 
 class ConvStem(nn.Sequential):
-    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(patch)
-    3x3 stride-2 convs with BatchNorm and ReLU, channels doubling up to width/2, then a 1x1 conv to the
-    width. The same token grid as a patch embedding, a few % of the ViT's FLOPs; from scratch on a few
-    thousand slices it learns local edges and blobs long before a single large-stride conv does."""
+    """A convolutional patch embedding for training from scratch on few images: the "hybrid" ViT of
+    Dosovitskiy et al. 2020, whose tokens are a CNN's feature map. Per halving of the resolution (log2
+    patch_size of them) two 3x3 convs with BatchNorm and ReLU, then 2x2 max-pooling, channels doubling
+    up to width/2 (VGG-style, the blocks of a plain CNN box regressor); then a 1x1 conv to the width.
+    `light` has one 3x3 stride-2 conv per halving instead (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"). The same token grid as a patch embedding."""
 
-    def __init__(self, channels: int, width: int, patch_size: int):
+    def __init__(self, channels: int, width: int, patch_size: int, light: bool = False):
         n = int(math.log2(patch_size))
         if 2**n != patch_size or n < 1:
-            raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
         chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]  # (C, ..., width/4, width/2)
         layers = []
         for a, b in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+            if light:
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+            else:
+                layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+                           nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         super().__init__(*layers, nn.Conv2d(chans[-1], width, 1))
 
     def flops(self, image_size: int) -> int:
-        """Forward FLOPs for one image (2 per multiply-add)."""
+        """Forward FLOPs for one image (2 per multiply-add; BatchNorm, ReLU and pooling not counted)."""
         side, total = image_size, 0
         for m in self:
             if isinstance(m, nn.Conv2d):
                 side //= m.stride[0]
                 total += 2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            elif isinstance(m, nn.MaxPool2d):
+                side //= 2
         return total
 
 
@@ -207,10 +215,10 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, D = cfg.channels, cfg.width
-        if cfg.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {cfg.stem!r}")
-        if cfg.stem == "conv":
-            self.patch_embed = ConvStem(C, D, cfg.patch_size)
+        if cfg.stem not in ("patch", "conv", "cnn"):
+            raise ValueError(f"stem must be 'patch', 'conv' or 'cnn', got {cfg.stem!r}")
+        if cfg.stem != "patch":
+            self.patch_embed = ConvStem(C, D, cfg.patch_size, light=cfg.stem == "conv")
         else:
             self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
@@ -226,7 +234,7 @@ class ViT(nn.Module):
         where it is from the first step (they still train). The conv stem keeps PyTorch's default (fan-in
         scaled) init: std 0.02 over stacked small convs would shrink the signal at every layer."""
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and self.cfg.stem == "conv":
+            if isinstance(m, nn.Conv2d) and self.cfg.stem != "patch":
                 continue
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -254,7 +254,7 @@ def naive_generate(m, images, min_boxes=1):
         tail = m.llm.tok_embeddings(torch.stack(tokens, 1)) if tokens else None
         x = m.splice_images(img, tail)
         logits = m.llm.logits(m.llm(x, torch.arange(x.shape[1]))[:, -1])
-        token, bins, done = m.constrain(logits, t, done, min_boxes)
+        token, bins, done = m.grammar_step(logits, t, done, min_boxes)
         tokens.append(token)
         out.append(bins)
     return torch.stack(out, 1)
@@ -352,7 +352,7 @@ def test_save_load_round_trip(tmp_path, kw):
     with torch.no_grad():
         assert torch.equal(r(images, answer, mask), m(images, answer, mask))
     assert torch.equal(r.generate(images), m.generate(images))
-    assert torch.equal(r.predict_boxes(images), m.predict_boxes(images))
+    assert torch.equal(r.answer_boxes(images), m.answer_boxes(images))
 
 
 def test_loc_smoothing_loss_by_hand():
@@ -401,7 +401,7 @@ def test_regress_head_trains_and_answers():
     assert torch.allclose(loss, token_loss + extra, atol=1e-5)
     loss.backward()
     assert m.box_mlp[0].weight.grad.abs().sum() > 0 and m.vit.patch_embed.weight.grad.abs().sum() > 0
-    boxes = m.eval().predict_boxes(images)
+    boxes = m.eval().answer_boxes(images)
     assert boxes.shape == (2, 4) and (boxes[:, :2] <= boxes[:, 2:]).all() and ((0 <= boxes) & (boxes <= 1)).all()
     assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
 
@@ -412,7 +412,7 @@ def test_predict_boxes_reads_the_first_answered_box():
     bins = m.generate(images)[:, :4].float()
     expect = (bins + 0.5) / BINS
     expect = torch.cat([torch.minimum(expect[:, :2], expect[:, 2:]), torch.maximum(expect[:, :2], expect[:, 2:])], 1)
-    torch.testing.assert_close(m.predict_boxes(images), expect)
+    torch.testing.assert_close(m.answer_boxes(images), expect)
 
 
 @pytest.mark.parametrize("box_head", ["tokens", "regress"])
@@ -423,12 +423,12 @@ def test_flip_average_answers_a_mirrored_study_with_the_mirrored_box(box_head):
             p.add_(torch.randn_like(p) * 0.3)
     images, _, _ = batch()
     mirror = lambda b: torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
-    plain, flipped = m.predict_boxes(images), m.predict_boxes(images.flip(-1))
+    plain, flipped = m.answer_boxes(images), m.answer_boxes(images.flip(-1))
     assert not torch.allclose(flipped, mirror(plain), atol=1e-3)  # a model that is not symmetric by itself
     m.cfg.flip_average = True
-    both = m.predict_boxes(images)
+    both = m.answer_boxes(images)
     torch.testing.assert_close(both, (plain + mirror(flipped)) / 2)
-    torch.testing.assert_close(m.predict_boxes(images.flip(-1)), mirror(both))
+    torch.testing.assert_close(m.answer_boxes(images.flip(-1)), mirror(both))
 
 
 def test_config_json_round_trip():
