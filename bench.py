@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import data
-from model import LLAMA_HF_NAMES, LLaMAConfig, MiniGPT, MiniGPTConfig
+from model import SHAPES, LLaMAConfig, MiniGPT, MiniGPTConfig, llama_mapping, shape_parts
 from vision import QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped, qformer_mapping, vit_mapping
 
 # -----------------------------------------------------------------------------
@@ -64,19 +64,16 @@ LLAMA_TEXT = (8, 2, 22)
 
 def shape_config(name: str) -> tuple[MiniGPTConfig, int]:
     """-> (config, batch size). ViT frozen (set by build), everything else trained."""
-    if name == "tiny":  # the CPU training recipe's model sizes (train.py CPU_RECIPE), a small vocabulary
+    if name == "tiny":  # the CPU recipe's sizes (SHAPES["cpu"]) in the layout the transformers peer can
+        # also build: a patch embedding and plain learned queries; a small vocabulary
         base, n = 256, 4
-        cfg = MiniGPTConfig(
-            vit=ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
-            qformer=QFormerConfig(num_query=8, width=128, depth=2, heads=4, mlp_dim=512, cross_every=1,
-                                  vision_width=128, out_dim=128),
-            llm=LLaMAConfig(vocab_size=base + N_SPECIALS, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                            hidden_dim=352, max_seq_len=256),
-            n_images=n, **prompt_ids(base, n, (4, 2, 8)))
+        parts = shape_parts(dict(SHAPES["cpu"], vit_stem="patch", pooled_queries=False), base + N_SPECIALS, max_seq_len=256)
+        parts["llm"].tie_embeddings = False  # a head of its own, as in the 7B shapes
+        cfg = MiniGPTConfig(**parts, n_images=n, **prompt_ids(base, n, (4, 2, 8)))
         return cfg, 8
     llm = {"minigpt4-1b": TINYLLAMA, "minigpt4-7b": LLAMA2_7B}.get(name)
     if llm is None:
-        raise ValueError(f"unknown shape {name!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {name!r}; expected one of {SHAPE_NAMES}")
     base, n = 32000, 4
     cfg = MiniGPTConfig(vit=ViTConfig(**EVA_VIT_G), qformer=QFormerConfig(**BLIP2_QFORMER, out_dim=llm["dim"]),
                         llm=LLaMAConfig(vocab_size=base + N_SPECIALS, **llm), n_images=n,
@@ -84,7 +81,7 @@ def shape_config(name: str) -> tuple[MiniGPTConfig, int]:
     return cfg, 32
 
 
-SHAPES = ("tiny", "minigpt4-1b", "minigpt4-7b")
+SHAPE_NAMES = ("tiny", "minigpt4-1b", "minigpt4-7b")
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +114,7 @@ class Peer(nn.Module):
             num_attention_heads=l.n_heads, num_key_value_heads=l.n_kv_heads, rms_norm_eps=l.norm_eps,
             rope_theta=l.rope_theta, max_position_embeddings=l.max_seq_len, tie_word_embeddings=l.tie_embeddings,
             bos_token_id=1, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, attn_implementation="sdpa"))
-        self.register_buffer("prompt", torch.tensor([i for c in cfg.prompt_chunks for i in c]), persistent=False)
+        self.register_buffer("prompt", torch.tensor(cfg.prompt_ids), persistent=False)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
 
     def inputs_embeds(self, images, answer=None):
@@ -170,7 +167,7 @@ def ours_from_peer(peer: Peer, device) -> MiniGPT:
     with torch.device("meta"):
         model = MiniGPT(cfg)
     model.to_empty(device=device)
-    model.prompt_ids.copy_(torch.tensor([i for c in cfg.prompt_chunks for i in c], device=device))
+    model.prompt_ids.copy_(torch.tensor(cfg.prompt_ids, device=device))
     vit_map, vit_tf = vit_mapping(cfg.vit, "blip2", "", ckpt_grid=cfg.vit.grid)
     load_mapped(model.vit, peer.vision.state_dict(), vit_map, vit_tf, source="peer vision")
     q_map, _ = qformer_mapping(cfg.qformer)
@@ -179,9 +176,7 @@ def ours_from_peer(peer: Peer, device) -> MiniGPT:
     tensors |= {"query_tokens": peer.query_tokens.data, "language_projection.weight": peer.language_projection.weight.data,
                 "language_projection.bias": peer.language_projection.bias.data}
     load_mapped(model.qformer, tensors, q_map, source="peer qformer")
-    llm_map = {o.format(i=i): t.format(i=i) for o, t in LLAMA_HF_NAMES.items()
-               for i in (range(cfg.llm.n_layers) if "{i}" in o else [None])}
-    load_mapped(model.llm, peer.llm.state_dict(), llm_map, source="peer llm")
+    load_mapped(model.llm, peer.llm.state_dict(), llama_mapping(cfg.llm.n_layers), source="peer llm")
     return model
 
 
@@ -279,7 +274,7 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=SHAPES, default="tiny", help="model shape with random weights (default tiny)")
+    p.add_argument("--shape", choices=SHAPE_NAMES, default="tiny", help="model shape with random weights (default tiny)")
     p.add_argument("--peer", action="store_true",
                    help="also build the same model from transformers parts and measure it in this run, with ratios")
     p.add_argument("--steps", type=int, help="timed training steps (default: 10 on CPU, 20 on CUDA)")

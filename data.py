@@ -246,6 +246,11 @@ def score_boxes(preds, samples):
     return dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n)
 
 
+def score_line(s):
+    """score_boxes' dict -> 'mean IoU 0.612, acc@0.5 0.780, acc@0.75 0.310', as train.py and sample.py print it."""
+    return f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f}"
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 

@@ -39,6 +39,12 @@ class LLaMAConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
 
+    @staticmethod
+    def swiglu_hidden(dim: int, multiple: int = 32) -> int:
+        """The SwiGLU width of a from-scratch LLM: the next multiple of 32 above 8/3 of dim (LLaMA: the
+        parameters of a 4x GELU MLP in three matrices)."""
+        return int(8 / 3 * dim / multiple + 1) * multiple
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -163,6 +169,12 @@ LLAMA_HF_NAMES = {
 }
 
 
+def llama_mapping(n_layers: int) -> dict:
+    """LLAMA_HF_NAMES with {i} expanded for every layer: our parameter name -> the checkpoint's."""
+    return {ours.format(i=i): theirs.format(i=i) for ours, theirs in LLAMA_HF_NAMES.items()
+            for i in (range(n_layers) if "{i}" in ours else [None])}
+
+
 class LLaMA(nn.Module):
     """LLaMA-style decoder. forward takes embeddings (so image embeddings can be spliced in) and
     returns the final-normed hidden states; logits(h) applies the head only where it is needed."""
@@ -278,10 +290,7 @@ class LLaMA(nn.Module):
         folder = Path(folder)
         cfg = llama_config_from_hf(folder / "config.json")
         model = cls.empty(cfg, dtype)
-        mapping = {}
-        for ours, theirs in LLAMA_HF_NAMES.items():
-            for i in range(cfg.n_layers) if "{i}" in ours else [None]:
-                mapping[ours.format(i=i)] = theirs.format(i=i)
+        mapping = llama_mapping(cfg.n_layers)
         if cfg.tie_embeddings:
             mapping["output.weight"] = None  # the same tensor as tok_embeddings.weight
         # old Llama-2 exports carry rotary inv_freq buffers; tied exports may carry a copy of the head
@@ -376,6 +385,32 @@ def generalized_iou(a, b):
 # MiniGPT: ViT -> Q-Former -> splice into the prompt -> LLaMA
 
 
+# Named shapes of from-scratch models, in train.py's flag names: its device recipes start from these and
+# bench.py times them. Only sizes and choices; the FFN and MLP widths follow (swiglu_hidden, 4 x width).
+SHAPES = {
+    "cpu": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_stem="cnn",
+                num_query=16, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1, pooled_queries=True,
+                dim=128, n_layers=4, n_heads=4, n_kv_heads=2),
+    "gpu": dict(image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6, vit_stem="cnn",
+                num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1, pooled_queries=True,
+                dim=512, n_layers=8, n_heads=8, n_kv_heads=4),
+}
+
+
+def shape_parts(s: dict, vocab_size: int, max_seq_len: int = 1024) -> dict:
+    """A shape's sizes (see SHAPES) -> the vit, qformer and llm configs of a from-scratch MiniGPTConfig."""
+    return dict(
+        vit=ViTConfig(image_size=s["image_size"], patch_size=s["patch_size"], width=s["vit_width"], depth=s["vit_depth"],
+                      heads=s["vit_heads"], mlp_dim=4 * s["vit_width"], stem=s["vit_stem"]),
+        qformer=QFormerConfig(num_query=s["num_query"], width=s["qformer_width"], depth=s["qformer_depth"],
+                              heads=s["qformer_heads"], mlp_dim=4 * s["qformer_width"], cross_every=s["cross_every"],
+                              vision_width=s["vit_width"], out_dim=s["dim"], pooled_queries=s["pooled_queries"]),
+        llm=LLaMAConfig(vocab_size=vocab_size, dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                        n_kv_heads=s["n_kv_heads"], hidden_dim=LLaMAConfig.swiglu_hidden(s["dim"]),
+                        max_seq_len=max_seq_len, tie_embeddings=True),
+    )
+
+
 @dataclass
 class MiniGPTConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -400,6 +435,11 @@ class MiniGPTConfig:
     @property
     def n_slots(self) -> int:
         return 1 if self.fusion == "early" else self.n_images
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids, its chunks joined (the image slots between them hold no ids)."""
+        return [i for chunk in self.prompt_chunks for i in chunk]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -430,7 +470,7 @@ class MiniGPT(nn.Module):
         if len(cfg.prompt_chunks) != cfg.n_slots + 1:
             raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
                              f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
-        prompt = [i for c in cfg.prompt_chunks for i in c]
+        prompt = cfg.prompt_ids
         ids = prompt + [cfg.loc_start, cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id, cfg.eos_id, cfg.pad_id]
         if max(ids) >= cfg.llm.vocab_size or min(ids) < 0:
             raise ValueError(f"token ids up to {max(ids)} do not fit the LLM's vocabulary of {cfg.llm.vocab_size}")
@@ -496,6 +536,15 @@ class MiniGPT(nn.Module):
         for name, p in self.llm.named_parameters():
             keep = "lora_" in name or name.startswith(("tok_embeddings.", "output."))
             p.requires_grad_(not llm or keep)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, but a frozen ViT stays in eval mode: the BatchNorm of a conv stem then keeps
+        its statistics, so the ViT really is fixed (and train.py --cache-features stays exact)."""
+        super().train(mode)
+        if self.frozen["vit"]:
+            self.vit.eval()
+        return self
 
     def merge_lora(self):
         """Fold every LoRA adapter into its weight; the model becomes a plain one (lora_rank 0)."""
@@ -607,41 +656,45 @@ class MiniGPT(nn.Module):
 
     def flops_per_sample(self, train: bool = True) -> int:
         """FLOPs of one training sample (forward + backward; forward only with train=False), counted by
-        hand for MFU: every matmul at 2 FLOPs per multiply-add, attention over the full square (see
-        LLaMA.attention_flops), elementwise work not. A matmul's backward costs one forward per operand
-        that needs a gradient: 2x for trained weights on a gradient path, 1x for frozen weights that
-        gradients pass through or trained weights on inputs that need none (the patch embedding), 0 in
-        a frozen part nothing before trains (no autograd there). The LLM's head and the Q-Former's
-        proj always train (see freeze). Equal to torch's FlopCounterMode (tests), except for LoRA
-        adapters (small) and a frozen Q-Former after a trained ViT (not a setup we use)."""
+        hand for MFU: every matmul and conv at 2 FLOPs per multiply-add, attention over the full square
+        (see LLaMA.attention_flops), elementwise work (norms, pooling) not. Backward costs one forward
+        per operand that needs a gradient: the weights when they train, the input when something before
+        it trains; a frozen part that nothing before it trains runs without autograd. The LLM's head,
+        the Q-Former's proj and the patch head always train (see freeze). Equal to torch's
+        FlopCounterMode (tests), except for LoRA adapters (small) and a frozen Q-Former after a trained
+        ViT (not a setup we use)."""
         c, v, q = self.cfg, self.cfg.vit, self.cfg.qformer
-        N, T = c.n_images, v.grid ** 2 + int(v.class_token)
-        if v.stem == "patch":
-            patch = N * 2 * v.grid ** 2 * v.channels * v.patch_size ** 2 * v.width
-        else:  # a conv stem: its own count
-            patch = N * self.vit.patch_embed.flops(v.image_size)
-        vit = N * v.depth * (2 * T * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * T * T * v.width)
-        passes, Tk = (1, N * T) if c.fusion == "early" else (N, T)  # Q-Former passes, image tokens each reads
-        Q, w = q.num_query, q.width
+        n_img, Q = c.n_images, q.num_query
+        tokens = v.grid ** 2 + int(v.class_token)  # ViT tokens per image
+        passes, keys = (1, n_img * tokens) if c.fusion == "early" else (n_img, tokens)  # Q-Former passes, tokens each reads
         n_cross = len(range(0, q.depth, q.cross_every))
-        qformer = passes * (q.depth * (2 * Q * (4 * w * w + 2 * w * q.mlp_dim) + 4 * Q * Q * w)
-                            + n_cross * (2 * Q * 2 * w * w + 4 * Q * Tk * w))
-        kv = passes * n_cross * 2 * Tk * 2 * q.vision_width * w  # cross-attention keys and values of the image tokens
-        proj = passes * 2 * Q * w * q.out_dim
-        L = 4 * c.max_boxes + 2
-        S = self.prompt_len + L - 1
-        head = self.llm.flops(0, L)
-        attn = self.llm.attention_flops(S)
-        body = self.llm.flops(S, 0) - attn
+        answer_len = 4 * c.max_boxes + 2
+        seq = self.prompt_len + answer_len - 1
+        stem = self.vit.stem_flops()  # per image, one entry per conv
+        vit_block = 2 * tokens * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * tokens ** 2 * v.width
+        qf_layer = 2 * Q * (4 * q.width ** 2 + 2 * q.width * q.mlp_dim) + 4 * Q * Q * q.width
+        qf_cross = 2 * Q * 2 * q.width ** 2 + 4 * Q * keys * q.width  # its q and out projections, attention
+        attn = self.llm.attention_flops(seq)
+        forward = dict(  # of one sample, per part
+            stem_first=n_img * stem[0], stem_rest=n_img * sum(stem[1:]),
+            vit=n_img * v.depth * vit_block,
+            patch_head=n_img * 2 * v.grid ** 2 * v.width if self.patch_head is not None else 0,
+            qformer=passes * (q.depth * qf_layer + n_cross * qf_cross),
+            kv=passes * n_cross * 2 * keys * 2 * q.vision_width * q.width,  # keys and values of the image tokens
+            pooled=passes * 2 * Q * q.vision_width * q.width if q.pooled_queries else 0,
+            proj=passes * 2 * Q * q.width * q.out_dim,
+            llm=self.llm.flops(seq, 0) - attn, attn=attn, head=self.llm.flops(0, answer_len))
         if not train:
-            return patch + vit + qformer + kv + proj + body + attn + head
+            return sum(forward.values())
         fv, fq, fl = self.frozen["vit"], self.frozen["qformer"], self.frozen["llm"]
-        grads = lambda weights, inputs: 1 + int(weights) + int(inputs)  # forward + backward matmuls
-        stem_grads = (1 + int(not fv)) if v.stem == "patch" else grads(not fv, not fv)  # a conv stem's inner inputs need gradients too
-        return (patch * stem_grads + vit * grads(not fv, not fv)
-                + qformer * (grads(True, True) if not fq else grads(False, True) if not fv else 1)
-                + kv * grads(not fq, not fv)
-                + proj * grads(True, not (fq and fv)) + body * grads(not fl, True) + attn * 3 + head * 3)
+        times = lambda weights, inputs: 1 + int(weights) + int(inputs)  # forward + the backward matmuls
+        factor = dict(
+            stem_first=times(not fv, False), stem_rest=times(not fv, not fv), vit=times(not fv, not fv),
+            patch_head=times(True, not fv),
+            qformer=times(True, True) if not fq else times(False, True) if not fv else 1,
+            kv=times(not fq, not fv), pooled=times(not fq, not fv), proj=times(True, not (fq and fv)),
+            llm=times(not fl, True), attn=3, head=3)
+        return sum(f * factor[k] for k, f in forward.items())
 
     # ---- answering
 

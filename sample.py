@@ -142,7 +142,7 @@ def main(argv=None):
     scored = [(p, s) for p, s in zip(preds, samples) if s.boxes]  # rows with a true box ("box": [] has none)
     if scored:
         s = data.score_boxes(*zip(*scored))
-        print(f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} on {len(scored)} rows"
+        print(f"{data.score_line(s)} on {len(scored)} rows"
               + (f" ({len(samples) - len(scored)} rows without a box not scored)" if len(scored) < len(samples) else ""),
               file=sys.stderr)
 

@@ -25,24 +25,18 @@ from PIL import Image, ImageDraw
 
 import data
 import prepare
-from model import LLaMAConfig, MiniGPT, MiniGPTConfig
-from vision import CheckpointError, QFormerConfig, ViTConfig
+from model import SHAPES, MiniGPT, MiniGPTConfig, shape_parts
+from vision import CheckpointError, ViTConfig
 
 # Recipes: the defaults of every size and schedule knob, per kind of device. A flag given on the
 # command line wins. The CPU recipe trains in minutes on 2 cores; the GPU recipe fills an H200-class GPU.
 CPU_RECIPE = dict(
-    image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
-    num_query=8, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1,
-    dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-    num_bins=64, loc_sigma=1.0, box_head="regress", batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200,
-    vit_stem="patch", pooled_queries=False, patch_loss=0.0, compile=False, bf16=False,
+    **SHAPES["cpu"], num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=1.0,
+    batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200, compile=False, bf16=False,
 )
 GPU_RECIPE = dict(
-    image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
-    num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1,
-    dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-    num_bins=128, loc_sigma=1.0, box_head="regress", batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500,
-    vit_stem="patch", pooled_queries=False, patch_loss=0.0, compile=True, bf16=True,
+    **SHAPES["gpu"], num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=1.0,
+    batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500, compile=True, bf16=True,
 )
 
 
@@ -125,6 +119,9 @@ def get_args(argv=None):
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    for a in p._actions:  # --help shows the values a run will use
+        if a.dest in CPU_RECIPE and a.help and "(default: recipe)" in a.help:
+            a.help = a.help.replace("(default: recipe)", f"(default: {CPU_RECIPE[a.dest]} on CPU, {GPU_RECIPE[a.dest]} on GPU)")
     args = p.parse_args(argv)
     args.given = sorted(given_flags(p, sys.argv[1:] if argv is None else argv))  # saved with the run
     if args.resume and args.overwrite:
@@ -146,6 +143,7 @@ def get_args(argv=None):
     if args.vision:  # a pretrained ViT brings its own sizes and, unless --image-size says otherwise, its image size
         for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem"):
             recipe.pop(k)
+        recipe.update(pooled_queries=False, patch_loss=0.0)  # the pretrained towers as they were trained
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -183,6 +181,117 @@ def resume_args(args, ckpt):
 
 
 # -----------------------------------------------------------------------------
+# Setting up a run: processes, the output folder, data, tokenizer, model, optimiser
+
+def start_processes(args):
+    """Under torchrun, one process per GPU (or CPU process on gloo), each with its share of the batch.
+    -> (ddp, rank, world, device)."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    return ddp, rank, world, torch.device(args.device)
+
+
+def open_out(args, out):
+    """Check --out before any work: never replace a checkpoint by accident. With --resume, read the
+    training state and take the model's settings from the checkpoint (resume_args). -> state or None."""
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--out {out}: is a file; name a folder (it is created if missing)")
+    has_ckpt = any((out / n / "model.safetensors").exists() for n in ("ckpt", "ckpt.old"))
+    if has_ckpt and not (args.resume or args.overwrite):
+        raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with --resume, train into "
+                              f"another --out, or replace it with --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        return None
+    ckpt = out / "ckpt"
+    if not ckpt.exists() and (out / "ckpt.old").exists():  # a crash between save_checkpoint's two renames
+        (out / "ckpt.old").rename(ckpt)
+    if not (ckpt / "train_state.pt").exists():
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing; the checkpoint cannot be resumed")
+    try:
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for damaged files
+        raise CheckpointError(f"{ckpt / 'train_state.pt'}: cannot be read ({e})") from None
+    resume_args(args, ckpt)
+    return state
+
+
+def read_data(args, log):
+    """-> (modalities, training rows, validation rows): --val, or a patient-level split of --data."""
+    modalities, samples = data.read_summary(args.data, box_format=args.box_format)
+    if args.val:
+        val_mods, val_samples = data.read_summary(args.val, box_format=args.box_format)
+        if val_mods != modalities:
+            raise data.DataError(f"{args.val}: modalities {val_mods} differ from {args.data}'s {modalities}")
+        train_samples = samples
+    else:
+        train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
+    # The model always answers a box: rows that say "box": [] (a slice without tumour) cannot teach or score it.
+    for name, rows in (("training", train_samples), ("validation", val_samples)):
+        empty = [s.line for s in rows if not s.boxes]
+        if empty:
+            log(f"{name}: {len(empty)} rows without a box skipped (lines {', '.join(map(str, empty[:5]))}"
+                f"{', ...' if len(empty) > 5 else ''}); the model answers with a box, so only rows with one count")
+    train_samples, val_samples = [s for s in train_samples if s.boxes], [s for s in val_samples if s.boxes]
+    if not train_samples or not val_samples:
+        raise data.DataError(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
+    return modalities, train_samples, val_samples
+
+
+def model_config(args, tokenizer, n_images) -> MiniGPTConfig:
+    """The model the flags describe. With --vision / --llm, MiniGPT.build replaces the loaded parts'
+    sizes by their checkpoints' (image_size None: the checkpoint's own)."""
+    n_slots = 1 if args.fusion == "early" else n_images
+    sizes = {k: getattr(args, k) for k in SHAPES["cpu"]}
+    if args.vision:  # the ViT's sizes are the checkpoint's (unset here): stand-ins until MiniGPT.build reads them
+        sizes.update({k: v for k, v in SHAPES["cpu"].items() if sizes[k] is None})
+    parts = shape_parts(sizes, tokenizer.vocab_size)
+    if args.vision:
+        parts["vit"] = ViTConfig(image_size=args.image_size)
+    return MiniGPTConfig(
+        **parts,
+        n_images=n_images, fusion=args.fusion, prompt_chunks=data.prompt_chunks(tokenizer, n_slots, args.template),
+        num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loc_sigma=args.loc_sigma, box_head=args.box_head,
+        patch_loss=args.patch_loss, flip_average=args.augment if args.flip_average is None else args.flip_average,
+    )
+
+
+def make_optimizer(model, args, device):
+    """AdamW, fused on CUDA; no weight decay on vectors (norms, biases) and the learned queries. -> (params, optimizer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return params, torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_at(args, step, elapsed):
+    """Linear warmup, then a cosine to min_lr_ratio of the peak. Progress is the larger of the steps done
+    (of --decay-steps, default --max-steps) and the time used (of --max-minutes): a run that stops on the
+    clock still ends its schedule."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = 0.0
+    decay_steps = args.decay_steps or args.max_steps
+    if decay_steps:
+        progress = max(progress, (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps))
+    if args.max_minutes:
+        progress = max(progress, elapsed / (args.max_minutes * 60))
+    progress = min(progress, 1.0)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
 # Evaluation: greedy box answers on the validation split, scored by IoU.
 
 @torch.no_grad()
@@ -192,6 +301,7 @@ def predict(model, images, samples, device, autocast, batch_size=64):
     with autocast():
         boxes = torch.cat([model.answer_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
                            for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
+    model.train()
     return [data.to_pixels(b, s.size) for b, s in zip(boxes, samples)]
 
 
@@ -217,24 +327,44 @@ def save_checkpoint(out, model, optimizer, tokenizer, step, meta):
 
 
 def plot_curves(metrics, path):
-    """Loss and validation IoU against step, drawn with pillow (no plotting dependency)."""
-    W, H, pad = 900, 360, 40
+    """Validation mean IoU against minutes (left) and steps (right), the mean-box answer as a dashed
+    reference line, and the training loss against steps below; drawn with pillow (no plotting dependency)."""
+    evals = [m for m in metrics if "miou" in m]
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    W, H = 960, 640
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    series = [("train loss", [(m["step"], m["loss"]) for m in metrics if "loss" in m], (30, 90, 200)),
-              ("val mean IoU", [(m["step"], m["miou"]) for m in metrics if "miou" in m], (200, 60, 30))]
-    for k, (name, pts, color) in enumerate(series):
-        x0, x1 = pad + k * W // 2, (k + 1) * W // 2 - 10
-        d.rectangle([x0, pad, x1, H - pad], outline="black")
-        d.text((x0, 10), name, fill=color)
-        if len(pts) < 1:
-            continue
-        smax = max(p[0] for p in pts) or 1
-        vmin, vmax = (0.0, 1.0) if "IoU" in name else (min(p[1] for p in pts), max(p[1] for p in pts))
-        vmax = vmax if vmax > vmin else vmin + 1
-        xy = [(x0 + (x1 - x0) * s / smax, H - pad - (H - 2 * pad) * (v - vmin) / (vmax - vmin)) for s, v in pts]
-        d.line(xy, fill=color, width=2) if len(xy) > 1 else d.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=color)
-        d.text((x0 + 4, H - pad + 4), f"step 0..{smax}   {vmin:.3g}..{vmax:.3g}", fill="black")
+    panels = [("validation mean IoU", "minutes", [(m.get("minutes", 0.0), m["miou"]) for m in evals], (0, 0)),
+              ("validation mean IoU", "step", [(m["step"], m["miou"]) for m in evals], (1, 0)),
+              ("training loss", "step", losses, (0, 1))]
+    ref = evals[-1]["meanbox_miou"] if evals else None
+    for title, xlabel, pts, (col, row) in panels:
+        x0, y0 = 70 + col * W // 2, 30 + row * H // 2
+        x1, y1 = x0 + W // 2 - 100, y0 + H // 2 - 80
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, y0 - 18), title, fill="black")
+        d.text(((x0 + x1) // 2 - 20, y1 + 22), xlabel, fill="black")
+        iou = "IoU" in title
+        xmax = max([p[0] for p in pts] + [1e-9])
+        vmin, vmax = (0.0, 1.0) if iou else (min([p[1] for p in pts] + [0.0]), max([p[1] for p in pts] + [1.0]))
+        X = lambda v: x0 + (x1 - x0) * v / xmax
+        Y = lambda v: y1 - (y1 - y0) * (v - vmin) / ((vmax - vmin) or 1)
+        for k in range(5):  # tick values on both axes
+            fx, fy = xmax * k / 4, vmin + (vmax - vmin) * k / 4
+            d.line([X(fx), y1, X(fx), y1 + 4], fill="black")
+            d.text((X(fx) - 10, y1 + 6), f"{fx:.3g}", fill="black")
+            d.line([x0 - 4, Y(fy), x0, Y(fy)], fill="black")
+            d.text((x0 - 40, Y(fy) - 6), f"{fy:.2f}", fill="black")
+        if iou and ref is not None:
+            for xa in range(int(x0), int(x1), 12):  # the mean-box answer, dashed
+                d.line([xa, Y(ref), min(xa + 6, x1), Y(ref)], fill=(120, 120, 120))
+            d.text((x1 - 120, Y(ref) - 14), f"mean box {ref:.3f}", fill=(120, 120, 120))
+        xy = [(X(a), Y(b)) for a, b in pts]
+        color = (200, 60, 30) if iou else (30, 90, 200)
+        if len(xy) > 1:
+            d.line(xy, fill=color, width=2)
+        for x, y in xy if iou else xy[-1:]:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
     img.save(path)
 
 
@@ -243,133 +373,60 @@ def plot_curves(metrics, path):
 def main(argv=None):
     args = get_args(argv)
     out = Path(args.out)
-
-    # Several processes under torchrun: one per GPU (or CPU process on gloo), each with its share of the batch.
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        backend = "nccl" if args.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+    ddp, rank, world, device = start_processes(args)
     master = rank == 0
-    device = torch.device(args.device)
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    resume_state = open_out(args, out)
 
-    # ---- the output folder: never replace a checkpoint by accident
-    if out.exists() and not out.is_dir():
-        raise data.DataError(f"--out {out}: is a file; name a folder (it is created if missing)")
-    has_ckpt = any((out / n / "model.safetensors").exists() for n in ("ckpt", "ckpt.old"))
-    if has_ckpt and not (args.resume or args.overwrite):
-        raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with --resume, train into "
-                              f"another --out, or replace it with --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    resume_state = None
-    if args.resume:
-        ckpt = out / "ckpt"
-        if not ckpt.exists() and (out / "ckpt.old").exists():  # a crash between save_checkpoint's two renames
-            (out / "ckpt.old").rename(ckpt)
-        if not (ckpt / "train_state.pt").exists():
-            raise CheckpointError(f"--resume: no checkpoint in {ckpt} (expected {ckpt / 'train_state.pt'})")
-        for name in ("config.json", "model.safetensors", "tokenizer.model"):
-            if not (ckpt / name).is_file():
-                raise CheckpointError(f"{ckpt / name}: missing; the checkpoint cannot be resumed")
-        try:
-            resume_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
-        except Exception as e:  # torch raises several types for damaged files
-            raise CheckpointError(f"{ckpt / 'train_state.pt'}: cannot be read ({e})") from None
-        resume_args(args, ckpt)
+    # ---- data: the demo when no file is given; the patient split; the tokenizer (trained on the prompt
+    # text from scratch, the LLM's own with --llm, the checkpoint's when resuming)
     if args.data is None:
         if master:
-            args.data = str(prepare.make_demo(out / "demo", seed=args.seed))
+            prepare.make_demo(out / "demo", seed=args.seed)
         if ddp:
             dist.barrier()
         args.data = str(out / "demo" / "summary.jsonl")
-    modalities, samples = data.read_summary(args.data, box_format=args.box_format)
-    if args.val:
-        val_mods, val_samples = data.read_summary(args.val, box_format=args.box_format)
-        if val_mods != modalities:
-            raise data.DataError(f"{args.val}: modalities {val_mods} differ from {args.data}'s {modalities}")
-        train_samples = samples
-    else:
-        train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
-    # The model always answers a box: rows that say "box": [] (a slice without tumour) cannot teach or score it.
-    for name, rows in (("training", train_samples), ("validation", val_samples)):
-        empty = [s.line for s in rows if not s.boxes]
-        if empty:
-            log(f"{name}: {len(empty)} rows without a box skipped (lines {', '.join(map(str, empty[:5]))}"
-                f"{', ...' if len(empty) > 5 else ''}); the model answers with a box, so only rows with one count")
-    train_samples, val_samples = [s for s in train_samples if s.boxes], [s for s in val_samples if s.boxes]
-    if not train_samples or not val_samples:
-        raise data.DataError(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
-    n_img = len(modalities)
+    modalities, train_samples, val_samples = read_data(args, log)
     if args.llm:
         tokenizer = data.Tokenizer(Path(args.llm) / "tokenizer.model", args.num_bins)
     elif resume_state:
         tokenizer = data.Tokenizer(out / "ckpt" / "tokenizer.model", args.num_bins)
     else:
-        tokenizer = data.Tokenizer.train(out / "tokenizer.model", num_bins=args.num_bins) if master else None
+        if master:
+            data.Tokenizer.train(out / "tokenizer.model", num_bins=args.num_bins)
         if ddp:
             dist.barrier()
-        tokenizer = tokenizer or data.Tokenizer(out / "tokenizer.model", args.num_bins)
+        tokenizer = data.Tokenizer(out / "tokenizer.model", args.num_bins)
     log(f"data: {len(train_samples)} train / {len(val_samples)} val slices, modalities {modalities}")
 
-    # ---- model
-    n_slots = 1 if args.fusion == "early" else n_img
-    cfg = MiniGPTConfig(
-        # with --vision, MiniGPT.build replaces the ViT's config by the checkpoint's (image_size None: its own)
-        vit=ViTConfig(image_size=args.image_size) if args.vision else
-        ViTConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                  depth=args.vit_depth, heads=args.vit_heads, mlp_dim=4 * args.vit_width, stem=args.vit_stem),
-        qformer=QFormerConfig(num_query=args.num_query, width=args.qformer_width, depth=args.qformer_depth,
-                              heads=args.qformer_heads, mlp_dim=4 * args.qformer_width, cross_every=args.cross_every,
-                              vision_width=args.vit_width or 0, out_dim=args.dim,
-                              pooled_queries=args.pooled_queries),
-        llm=LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                        n_kv_heads=args.n_kv_heads, hidden_dim=int(8 / 3 * args.dim / 32 + 1) * 32,
-                        max_seq_len=1024, tie_embeddings=True),
-        n_images=n_img, fusion=args.fusion, prompt_chunks=data.prompt_chunks(tokenizer, n_slots, args.template),
-        num_bins=args.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=args.max_boxes,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, loc_sigma=args.loc_sigma, box_head=args.box_head,
-        patch_loss=args.patch_loss,
-        flip_average=args.augment if args.flip_average is None else args.flip_average,
-    )
-    model = MiniGPT.build(cfg, vision_folder=args.vision, llm_folder=args.llm)
+    # ---- model and optimiser; a resumed run continues from the checkpoint's weights and moments
+    model = MiniGPT.build(model_config(args, tokenizer, len(modalities)), vision_folder=args.vision, llm_folder=args.llm)
     model.freeze(vit=args.freeze_vit, qformer=args.freeze_qformer, llm=args.freeze_llm)
     model.llm.grad_checkpoint = args.grad_checkpoint
     cfg = model.cfg  # loading pretrained parts fills in their sizes
     model.to(device)
+    # what sample.py needs besides the weights to read images the way training did
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN), std=list(data.CLIP_STD),
                 box_format=args.box_format, template=args.template, args=vars(args))
-
-    # AdamW, fused on CUDA; no weight decay on vectors (norms, biases) and embeddings-as-queries.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    params, optimizer = make_optimizer(model, args, device)
     step = 0
     if resume_state:
         model.load_state_dict(MiniGPT.from_checkpoint(out / "ckpt").state_dict())
         optimizer.load_state_dict(resume_state["optimizer"])
         step = resume_state["step"]
         log(f"resumed from {out / 'ckpt'} at step {step}")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trained, "
-        f"{n_slots} slot(s) x {cfg.qformer.num_query} image tokens, device {device}")
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M trained, {cfg.n_slots} slot(s) x {cfg.qformer.num_query} "
+        f"image tokens, device {device}")
+    train_model = torch.compile(model) if args.compile else model
     if ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = args.bf16 and device.type == "cuda"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    # ---- tensors in memory
+    # ---- every image read once into memory; a batch is then an index into these tensors
     t0 = time.time()
     tr_images, tr_boxes, tr_nbox = data.load_tensors(train_samples, cfg.vit.image_size, cfg.max_boxes)
     va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
@@ -387,64 +444,54 @@ def main(argv=None):
         log(f"cached ViT features in {time.time() - t0:.1f}s: {tuple(tr_tokens.shape)} {tr_tokens.dtype}, "
             f"{tr_tokens.numel() * tr_tokens.element_size() / 2 ** 20:.0f} MiB")
 
-    # ---- schedule: linear warmup, then cosine to min_lr_ratio; progress by steps or by the clock
-    decay_steps = args.decay_steps or args.max_steps
-    budget = args.max_minutes * 60 if args.max_minutes else None
-
-    def lr_at(step, elapsed):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = 0.0
-        if decay_steps:
-            progress = max(progress, (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps))
-        if budget:
-            progress = max(progress, elapsed / budget)
-        progress = min(progress, 1.0)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    # ---- bookkeeping: metrics so far (a resumed run keeps its curve), the clock, the last saved step
     metrics_path = out / "metrics.jsonl"
-    metrics = [json.loads(l) for l in metrics_path.read_text().splitlines()] if resume_state and metrics_path.exists() else []
-    metrics = [m for m in metrics if m["step"] <= step]
+    metrics = []
+    if resume_state and metrics_path.exists():
+        metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= step]
     elapsed0 = resume_state["meta"].get("elapsed", 0.0) if resume_state else 0.0
     t_start = time.time()
+    clock = lambda: elapsed0 + time.time() - t_start  # seconds of training, across resumes
     last_good = step if resume_state else None
-
     evaluated_at = None
 
     def evaluate_and_save(step):
-        nonlocal last_good, evaluated_at
-        evaluated_at = step
+        """Score the validation split, then write the checkpoint, metrics.jsonl and curves.png (process 0)."""
         if master:
             t = time.time()
-            preds = predict(model, va_images, val_samples, device, autocast)
-            s = data.score_boxes(preds, val_samples)
-            m = dict(step=step, **{k: round(v, 4) for k, v in s.items()}, **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()})
-            metrics.append(m)
-            log(f"eval step {step}: val mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f} "
-                f"(mean-box answer: {baseline['miou']:.3f} / {baseline['acc50']:.3f} / {baseline['acc75']:.3f}) [{time.time() - t:.1f}s]")
-            meta["elapsed"] = elapsed0 + time.time() - t_start
+            s = data.score_boxes(predict(model, va_images, val_samples, device, autocast), val_samples)
+            metrics.append(dict(step=step, minutes=round(clock() / 60, 3), **{k: round(v, 4) for k, v in s.items()},
+                                **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()}))
+            log(f"eval step {step}: val {data.score_line(s)} (mean-box answer: {baseline['miou']:.3f} / "
+                f"{baseline['acc50']:.3f} / {baseline['acc75']:.3f}) [{time.time() - t:.1f}s]")
+            meta["elapsed"] = clock()
             save_checkpoint(out, model, optimizer, tokenizer, step, meta)
             metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
             plot_curves(metrics, out / "curves.png")
-            last_good = step
         if ddp:
             dist.barrier()
-        model.train()
+        return step
 
-    # ---- the loop
+    def stop_on_nan(loss_val, lr):
+        where = (f"the last good checkpoint (step {last_good}) is kept in {out / 'ckpt'}" if last_good is not None
+                 else "no checkpoint was written")
+        sys.exit(f"training stopped: the loss became {loss_val} near step {step} (lr {lr:.3g}); {where}. "
+                 f"Lower --lr or check the data.")
+
+    # ---- the loop: until --max-steps or the clock runs out
     augment = data.Augment().scaled(args.augment_strength) if args.augment else None
     model.train()
     micro = args.batch_size // args.grad_accum
     assert micro * args.grad_accum == args.batch_size, "--batch-size must be a multiple of --grad-accum"
     t_log, loss_acc, n_acc = time.time(), 0.0, 0
-    while True:
-        elapsed = elapsed0 + time.time() - t_start
-        if (args.max_steps and step >= args.max_steps) or (budget and elapsed >= budget):
-            break
-        lr = lr_at(step, elapsed)
+    budget = args.max_minutes * 60 if args.max_minutes else None
+    while not ((args.max_steps and step >= args.max_steps) or (budget and clock() >= budget)):
+        lr = lr_at(args, step, clock())
         for g in optimizer.param_groups:
             g["lr"] = lr
-        # this process's share of the step's samples: a fixed function of (seed, step, rank), so a resumed run sees the same data
+
+        # this process's share of the step's samples and their augmentation: fixed functions of
+        # (seed, step, rank), so a resumed run sees the same batches
         idx = data.batch_indices(step, args.batch_size, len(train_samples), args.seed, rank, world)
         if tr_tokens is None:
             images, tokens = tr_images[idx].to(device, non_blocking=True).float(), None
@@ -455,6 +502,8 @@ def main(argv=None):
             images, boxes = augment(images, boxes, data.step_generator(args.seed, step, rank, world))
         answer, mask = data.answer_tokens(boxes, tr_nbox[idx].to(device), cfg.num_bins, cfg.loc_start,
                                           cfg.box_end_id, cfg.eos_id, cfg.pad_id)
+
+        # forward and backward in micro-batches; DDP averages gradients only on the last one
         for k in range(args.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
             if ddp:
@@ -470,30 +519,28 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         n_acc += 1
-        # The loss is read back (a host sync) only here, and always before a checkpoint is written.
+
+        # the loss is read back (a host sync) only here, and always before a checkpoint is written
         if step % args.log_every == 0 or step % args.eval_every == 0 or step == args.max_steps:
             loss_val = (loss_acc / n_acc).item()
             if not math.isfinite(loss_val):
-                where = f"the last good checkpoint (step {last_good}) is kept in {out / 'ckpt'}" if last_good is not None else "no checkpoint was written"
-                sys.exit(f"training stopped: the loss became {loss_val} near step {step} (lr {lr:.3g}); {where}. "
-                         f"Lower --lr or check the data.")
+                stop_on_nan(loss_val, lr)
             dt = time.time() - t_log
-            left = budget - elapsed if budget else float("nan")
+            left = [budget - clock()] if budget else []
             if args.max_steps:
-                rate = dt / n_acc
-                left = min(left, (args.max_steps - step) * rate) if budget else (args.max_steps - step) * rate
+                left.append((args.max_steps - step) * dt / n_acc)
             log(f"step {step}: loss {loss_val:.4f}, lr {lr:.2e}, {n_acc * args.batch_size * world / dt:.1f} samples/s, "
-                f"{left / 60:.1f} min left")
+                f"{min(left) / 60:.1f} min left")
             metrics.append(dict(step=step, loss=round(loss_val, 5), lr=lr))
             t_log, loss_acc, n_acc = time.time(), 0.0, 0
         if step % args.eval_every == 0:
-            evaluate_and_save(step)
-    if n_acc and not math.isfinite((loss_acc / n_acc).item()):
-        sys.exit(f"training stopped: the loss became non-finite before step {step}; "
-                 f"the last good checkpoint (step {last_good}) is kept in {out / 'ckpt'}")
+            last_good = evaluated_at = evaluate_and_save(step)
+
+    if n_acc and not math.isfinite(loss_val := (loss_acc / n_acc).item()):
+        stop_on_nan(loss_val, lr)
     if evaluated_at != step:
         evaluate_and_save(step)
-    log(f"done: {step} steps in {(elapsed0 + time.time() - t_start) / 60:.1f} min; checkpoint in {out / 'ckpt'}")
+    log(f"done: {step} steps in {clock() / 60:.1f} min; checkpoint in {out / 'ckpt'}")
     if ddp:
         dist.destroy_process_group()
 

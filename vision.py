@@ -191,16 +191,16 @@ class ConvStem(nn.Sequential):
                            nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         super().__init__(*layers, nn.Conv2d(chans[-1], width, 1))
 
-    def flops(self, image_size: int) -> int:
-        """Forward FLOPs for one image (2 per multiply-add; BatchNorm, ReLU and pooling not counted)."""
-        side, total = image_size, 0
+    def flops(self, image_size: int) -> list[int]:
+        """Forward FLOPs of each conv for one image (2 per multiply-add; BatchNorm, ReLU, pooling not counted)."""
+        side, out = image_size, []
         for m in self:
             if isinstance(m, nn.Conv2d):
                 side //= m.stride[0]
-                total += 2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                out.append(2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1])
             elif isinstance(m, nn.MaxPool2d):
                 side //= 2
-        return total
+        return out
 
 
 class ViT(nn.Module):
@@ -247,6 +247,13 @@ class ViT(nn.Module):
         with torch.no_grad():
             self.pos_embed.zero_()
             self.pos_embed[0, int(self.cls_token is not None):] = sincos_2d(self.cfg.grid, self.cfg.width)
+
+    def stem_flops(self) -> list[int]:
+        """Forward FLOPs of the patch embedding's convs for one image at cfg.image_size, in order."""
+        c = self.cfg
+        if c.stem == "patch":
+            return [2 * c.grid ** 2 * c.channels * c.patch_size ** 2 * c.width]
+        return self.patch_embed.flops(c.image_size)
 
     def forward(self, x):
         B, _, H, W = x.shape

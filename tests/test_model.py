@@ -406,7 +406,7 @@ def test_regress_head_trains_and_answers():
     assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
 
 
-def test_predict_boxes_reads_the_first_answered_box():
+def test_answer_boxes_reads_the_first_answered_box():
     m = tiny_model()
     images, _, _ = batch()
     bins = m.generate(images)[:, :4].float()
@@ -482,21 +482,28 @@ def math_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     return att.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("fusion", ["per-image", "early"])
+@pytest.mark.parametrize("fusion", ["per-image", "early", "recipe"])
 @pytest.mark.parametrize("frozen", [(), ("vit", "qformer"), ("vit", "qformer", "llm"), ("vit",), ("llm",)])
 def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
+    """"recipe": the from-scratch CPU recipe's parts, a CNN stem, pooled queries and the patch loss."""
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
-    m = tiny_model(fusion=fusion).train()
+    if fusion == "recipe":
+        cfg = tiny_cfg(patch_loss=1.0)
+        cfg.vit.stem, cfg.qformer.pooled_queries, cfg.qformer.num_query = "cnn", True, 4
+        torch.manual_seed(0)
+        m = MiniGPT(cfg).train()
+    else:
+        m = tiny_model(fusion=fusion).train()
     m.freeze(**{k: True for k in frozen})
     counter = FlopCounterMode(display=False)
     with counter:
-        m(*batch(B=1)).backward()
+        m(*batch(B=1), boxes=torch.tensor([[0.1, 0.2, 0.6, 0.7]])).backward()
     assert m.flops_per_sample() == counter.get_total_flops()
     counter = FlopCounterMode(display=False)
     with counter:
-        m(*batch(B=1))
+        m(*batch(B=1), boxes=torch.tensor([[0.1, 0.2, 0.6, 0.7]]))
     assert m.flops_per_sample(train=False) == counter.get_total_flops()
 
 
@@ -534,3 +541,20 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
     assert torch.equal(l0, l1) and g0.keys() == g1.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_patch_loss_targets_the_covered_share_of_each_patch():
+    """tiny_cfg's ViT: 16 px, patch 8 -> a 2 x 2 grid. A box [0.25, 0, 0.75, 0.5] covers half of each top
+    patch and nothing of the bottom ones; the loss is the BCE of the patch head's logits against that."""
+    m = tiny_model(patch_loss=1.0)
+    tokens = torch.randn(1, 3, 5, 32)
+    box = torch.tensor([[0.25, 0.0, 0.75, 0.5]])
+    logits = m.patch_head(tokens[:, :, 1:]).squeeze(-1)  # (1, 3, 4): the class token is skipped
+    share = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(1, 3, 4)
+    expect = F.binary_cross_entropy_with_logits(logits, share)
+    torch.testing.assert_close(m.patch_loss_of(tokens, box), expect)
+    images, answer, mask = batch(B=1)
+    with_aux = m(images, answer, mask, boxes=box)
+    aux = m.patch_loss_of(m.vit_tokens(images), box)
+    m.patch_head = None  # the same model without the auxiliary term
+    torch.testing.assert_close(with_aux - m(images, answer, mask, boxes=box), aux)

@@ -393,3 +393,34 @@ def test_from_scratch_qformer_hears_the_image():
     with torch.no_grad():
         ratio = qf.layers[0].cross(x, img).norm() / x.norm()
     assert ratio > 0.1, ratio
+
+
+@pytest.mark.parametrize("stem", ["cnn", "conv"])
+def test_conv_stems_keep_the_patch_grid_and_learn(stem):
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem=stem)
+    vit = ViT(cfg)
+    x = torch.randn(5, 3, 32, 32, requires_grad=True)
+    out = vit(x)
+    assert out.shape == (5, 1 + 4 * 4, 32)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in vit.named_parameters() if n.startswith("patch_embed") and p.dim() > 1)
+    with pytest.raises(ValueError, match="power-of-two patch size"):
+        ViT(ViTConfig(image_size=36, patch_size=12, width=32, depth=1, heads=2, mlp_dim=64, stem=stem))
+
+
+def test_pooled_queries_start_from_their_region():
+    """pool_regions by hand: a 4 x 4 grid of tokens valued by their index, 4 queries -> 2 x 2 regions."""
+    q = QFormer(QFormerConfig(num_query=4, width=8, depth=1, heads=2, mlp_dim=16, vision_width=8, out_dim=8,
+                              pooled_queries=True))
+    grid = torch.arange(16.0).view(1, 16, 1).expand(1, 16, 8)
+    with_cls = torch.cat([torch.full((1, 1, 8), 99.0), grid], 1)  # a class token first is skipped
+    pooled = q.pool_regions(with_cls)[0, :, 0]
+    # rows 0-1 x cols 0-1: (0 + 1 + 4 + 5) / 4; then the top-right, bottom-left, bottom-right regions
+    assert pooled.tolist() == [2.5, 4.5, 10.5, 12.5]
+    q8 = QFormer(QFormerConfig(num_query=8, width=8, depth=1, heads=2, mlp_dim=16, vision_width=8, out_dim=8,
+                               pooled_queries=True))
+    # 8 queries: 2 x 4 regions of 2 rows x 1 column; region (R, C) averages tokens 8R + C and 8R + C + 4
+    assert q8.pool_regions(grid)[0, :, 0].tolist() == [8 * R + C + 2 for R in range(2) for C in range(4)]
+    out1 = q(grid)
+    out2 = q(grid.flip(1))  # another image: the queries hear it from the first layer on
+    assert not torch.allclose(out1, out2)
