@@ -136,6 +136,9 @@ def get_args(argv=None):
         args.freeze_vit = args.freeze_qformer = True
         args.freeze_llm = True
         args.lora_rank = args.lora_rank or 8
+    if args.cache_features and (not args.freeze_vit or args.augment):
+        p.error("--cache-features needs a frozen ViT (--freeze-vit or --minigpt4) and --no-augment "
+                "(augmented pixels change every step, so their features cannot be stored)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     recipe = dict(GPU_RECIPE if args.device.startswith("cuda") else CPU_RECIPE)
     if args.max_steps:  # a step count given alone is not also cut by the recipe's clock
@@ -291,6 +294,19 @@ def lr_at(args, step, elapsed):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def cached_vit_tokens(model, images, device, autocast, log, batch_size=64):
+    """--cache-features: a frozen ViT on unchanging pixels gives each image a constant output; compute it
+    once. images (M, N, 3, S, S) -> (M, N, T, W) on the CPU."""
+    t0 = time.time()
+    with autocast():
+        tokens = torch.cat([model.vit_tokens(images[i: i + batch_size].to(device).float()).cpu()
+                            for i in range(0, len(images), batch_size)])
+    log(f"cached ViT features in {time.time() - t0:.1f}s: {tuple(tokens.shape)} {tokens.dtype}, "
+        f"{tokens.numel() * tokens.element_size() / 2 ** 20:.0f} MiB")
+    return tokens
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: greedy box answers on the validation split, scored by IoU.
 
@@ -313,6 +329,19 @@ def mean_box_preds(train_boxes, samples):
 
 # -----------------------------------------------------------------------------
 # Checkpoints: a folder written under a temporary name and swapped in, so a crash never leaves half of one.
+
+def metrics_row(step, seconds, score, baseline):
+    """One evaluation as a line of metrics.jsonl: the step, the minutes of training, the scores and the mean-box answer's."""
+    return dict(step=step, minutes=round(seconds / 60, 3), **{k: round(v, 4) for k, v in score.items()},
+                **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()})
+
+
+def save_run(out, model, optimizer, tokenizer, step, meta, metrics):
+    """The checkpoint, then metrics.jsonl and curves.png beside it."""
+    save_checkpoint(out, model, optimizer, tokenizer, step, meta)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    plot_curves(metrics, out / "curves.png")
+
 
 def save_checkpoint(out, model, optimizer, tokenizer, step, meta):
     tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
@@ -432,42 +461,27 @@ def main(argv=None):
     va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
     log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
     baseline = data.score_boxes(mean_box_preds(tr_boxes, val_samples), val_samples)
-    tr_tokens = None
-    if args.cache_features:  # a frozen ViT on unchanging pixels: its output is a constant of each image
-        if not model.frozen["vit"] or args.augment:
-            sys.exit("error: --cache-features needs a frozen ViT (--freeze-vit or --minigpt4) and --no-augment "
-                     "(augmented pixels change every step, so their features cannot be stored)")
-        t0 = time.time()
-        with torch.no_grad(), autocast():
-            tr_tokens = torch.cat([model.vit_tokens(tr_images[i: i + 64].to(device).float()).cpu()
-                                   for i in range(0, len(tr_images), 64)])  # (M, N, T, W)
-        log(f"cached ViT features in {time.time() - t0:.1f}s: {tuple(tr_tokens.shape)} {tr_tokens.dtype}, "
-            f"{tr_tokens.numel() * tr_tokens.element_size() / 2 ** 20:.0f} MiB")
+    tr_tokens = cached_vit_tokens(model, tr_images, device, autocast, log) if args.cache_features else None
 
     # ---- bookkeeping: metrics so far (a resumed run keeps its curve), the clock, the last saved step
-    metrics_path = out / "metrics.jsonl"
     metrics = []
-    if resume_state and metrics_path.exists():
-        metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= step]
+    if resume_state and (out / "metrics.jsonl").exists():
+        metrics = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["step"] <= step]
     elapsed0 = resume_state["meta"].get("elapsed", 0.0) if resume_state else 0.0
     t_start = time.time()
     clock = lambda: elapsed0 + time.time() - t_start  # seconds of training, across resumes
     last_good = step if resume_state else None
     evaluated_at = None
 
-    def evaluate_and_save(step):
-        """Score the validation split, then write the checkpoint, metrics.jsonl and curves.png (process 0)."""
+    def evaluate_and_save(step):  # process 0 scores and saves; the others wait for it
         if master:
             t = time.time()
             s = data.score_boxes(predict(model, va_images, val_samples, device, autocast), val_samples)
-            metrics.append(dict(step=step, minutes=round(clock() / 60, 3), **{k: round(v, 4) for k, v in s.items()},
-                                **{f"meanbox_{k}": round(v, 4) for k, v in baseline.items()}))
-            log(f"eval step {step}: val {data.score_line(s)} (mean-box answer: {baseline['miou']:.3f} / "
-                f"{baseline['acc50']:.3f} / {baseline['acc75']:.3f}) [{time.time() - t:.1f}s]")
+            metrics.append(metrics_row(step, clock(), s, baseline))
+            log(f"eval step {step}: val {data.score_line(s)} (mean-box answer: {data.score_line(baseline)}) "
+                f"[{time.time() - t:.1f}s]")
             meta["elapsed"] = clock()
-            save_checkpoint(out, model, optimizer, tokenizer, step, meta)
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-            plot_curves(metrics, out / "curves.png")
+            save_run(out, model, optimizer, tokenizer, step, meta, metrics)
         if ddp:
             dist.barrier()
         return step
