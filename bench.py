@@ -58,7 +58,7 @@ BLIP2_QFORMER = dict(num_query=32, width=768, depth=12, heads=12, mlp_dim=3072, 
 TINYLLAMA = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048)
 LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, max_seq_len=4096)
 # text around 4 slots of 32 queries: the vicuna template ("###Human: <Img1>...</Img4> where is the tumor?
-# ###Assistant: <box>") is about 36 LLaMA tokens, so prompt 164 + answer 6 - 1 = the issue's sequence of 169
+# ###Assistant: <box>") is about 36 LLaMA tokens, so prompt 164 + answer 6 - 1 = a sequence of 169
 LLAMA_TEXT = (8, 2, 22)
 
 

@@ -208,7 +208,8 @@ def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
 # the image's own width or height, so the answer does not depend on the image size or the resize.
 
 def box_to_bins(box_xyxy, W, H, bins):
-    """Pixel box -> [bx0, by0, bx1, by1], each in [0, bins - 1]."""
+    """Pixel box -> [bx0, by0, bx1, by1], each in [0, bins - 1]. The readable one-box twin of the batched
+    quantisation in answer_tokens (training uses that one; the tests hold the two equal)."""
     x0, y0, x1, y1 = box_xyxy
     q = lambda v, n: min(max(int(math.floor(v / n * bins)), 0), bins - 1)
     return [q(x0, W), q(y0, H), q(x1, W), q(y1, H)]
@@ -222,7 +223,7 @@ def to_pixels(box, size):
 
 
 def bins_to_box(b, W, H, bins):
-    """Bins -> pixel box at the bin centres. Worst-case error per coordinate: W / (2 * bins) in x,
+    """Bins -> pixel box at the bin centres (MiniGPT.answer_boxes_once does the same, batched and normalised). Worst-case error per coordinate: W / (2 * bins) in x,
     H / (2 * bins) in y (a coordinate anywhere in a bin is at most half a bin from its centre)."""
     x0, x1 = sorted(((b[0] + 0.5) / bins * W, (b[2] + 0.5) / bins * W))
     y0, y1 = sorted(((b[1] + 0.5) / bins * H, (b[3] + 0.5) / bins * H))
@@ -389,7 +390,8 @@ def prompt_chunks(tokenizer, n_slots, template="plain"):
 
 
 def answer_ids(tokenizer, boxes_bins):
-    """Boxes as bins -> [loc, loc, loc, loc] * k + [</box>, EOS]."""
+    """Boxes as bins -> [loc, loc, loc, loc] * k + [</box>, EOS]: the readable one-sample twin of
+    answer_tokens (training uses that one; the tests hold the two equal)."""
     ids = []
     for b in boxes_bins:
         assert len(b) == 4 and all(0 <= v < tokenizer.num_bins for v in b), b
@@ -398,8 +400,8 @@ def answer_ids(tokenizer, boxes_bins):
 
 
 def parse_answer(tokenizer, ids):
-    """Answer ids -> groups of 4 bins. Stops at </box> or EOS; other tokens are skipped; a trailing
-    partial group is dropped."""
+    """Answer ids -> groups of 4 bins, to read an answer by hand (generate returns bins directly). Stops
+    at </box> or EOS; other tokens are skipped; a trailing partial group is dropped."""
     bins = []
     for i in ids:
         i = int(i)

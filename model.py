@@ -195,8 +195,8 @@ class LLaMA(nn.Module):
     def init_weights(self):
         """From-scratch init (GPT-2 / nanoGPT, width-scaled): N(0, 1/sqrt(dim)) for embeddings and
         linears, the two projections that write into the residual stream scaled by 1/sqrt(2 * n_layers),
-        norms at 1. GPT-2's fixed 0.02 is ~0.55/sqrt(dim) at 768; at our small widths it starves the
-        path from the image slots to the answer (a toy box task learned ~2x slower with it)."""
+        norms at 1. GPT-2's fixed 0.02 is ~0.55/sqrt(dim) at 768; at small widths it would shrink the
+        path from the image slots to the answer."""
         std = self.config.dim ** -0.5
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):

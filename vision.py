@@ -331,8 +331,8 @@ class QFormer(nn.Module):
     def init_weights(self):
         """From-scratch init: queries N(0, 0.02); Linear layers PyTorch's default, U(+-1/sqrt(fan_in)),
         which scales with the width. BERT's fixed std 0.02 suits width 768; at small widths it makes the
-        cross-attention's output tiny next to the queries in these post-norm layers, and a from-scratch
-        Q-Former then stalls: on a toy box task its loss stayed flat for 200 steps, and fell with this init."""
+        cross-attention's output tiny next to the queries in these post-norm layers: the image barely
+        reaches the output."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()

@@ -109,7 +109,7 @@ def test_flops_per_step_equals_hand_count():
     (shape,) = [r for r in bench.main(["--shape", "tiny", "--no-train", "--no-answer", "--batch-size", "3"],
                                       out=lambda line: None) if r["kind"] == "shape"]
     assert shape["flops_per_step"] == 3 * hand_flops(cfg)
-    # the reference counts about 107 TFLOP per step at minigpt4-1b; ours leaves out the head
+    # a full-sequence count (head at every position) gives about 107 TFLOP per step at minigpt4-1b; ours leaves out the head
     # at prompt positions, so a little less
     cfg, B = bench.shape_config("minigpt4-1b")
     assert 0.9 < B * hand_flops(cfg) / 107e12 < 1.0
