@@ -72,7 +72,7 @@ class QFormerConfig:
     out_dim: int = 4096
     norm_eps: float = 1e-12
     act: str = "gelu"
-    pooled_queries: bool = False  # add each query its region of the image grid, average-pooled (see QFormer)
+    pooled_queries: bool = False  # each query starts with its region of the image grid, average-pooled (QFormer.pool_regions)
 
 
 # -----------------------------------------------------------------------------
