@@ -532,6 +532,8 @@ def main(argv=None):
                    help="0: one box around all of mask > 0 (default); N: one box per connected region of >= N pixels")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val.jsonl (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    for sp in sub.choices.values():
+        sp.error = parser.error
     args = parser.parse_args(argv)
     if args.command == "masks":
         mods = {}
