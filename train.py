@@ -544,7 +544,7 @@ def main(argv=None):
             if args.max_steps:
                 left.append((args.max_steps - step) * dt / n_acc)
             log(f"step {step}: loss {loss_val:.4f}, lr {lr:.2e}, {n_acc * args.batch_size * world / dt:.1f} samples/s, "
-                f"{min(left) / 60:.1f} min left")
+                f"{min(left, default=float('nan')) / 60:.1f} min left")
             metrics.append(dict(step=step, loss=round(loss_val, 5), lr=lr))
             t_log, loss_acc, n_acc = time.time(), 0.0, 0
         if step % args.eval_every == 0:

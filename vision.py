@@ -359,9 +359,10 @@ class QFormer(nn.Module):
 
         With pooled_queries, query k starts as its learned vector plus its region's pooled tokens: a
         locality-preserving projector (Cha et al. 2024, Honeybee's C-Abstractor, pools the same way).
-        Plain learned queries first attend almost uniformly, so every query reads the image's mean and
-        the box answer sits at the mean box until cross-attention learns to look somewhere (DETR's slow
-        start); a pooled query knows its region's content and place from the first step."""
+        Plain learned queries first attend almost uniformly, so every query reads about the image's
+        mean; a pooled query carries its region's content and place from the first step. (Alone it did
+        not lift the from-scratch recipe off the mean box; with the CNN stem and the patch loss it
+        helped on one set and tied on another: README, Results.)"""
         B, T, W = img.shape
         g = math.isqrt(T)
         if g * g != T:  # a class token first
