@@ -240,16 +240,27 @@ def box_iou(a, b):
 
 
 def score_boxes(preds, samples):
-    """One predicted box per sample, each scored against its best-matching true box ->
-    mean IoU and accuracy at IoU >= 0.5 and >= 0.75."""
-    ious = [max(box_iou(p, t) for t in s.boxes) for p, s in zip(preds, samples)]
+    """One answer per sample, a box or None ("no tumour") -> mean IoU and accuracy at IoU >= 0.5 and
+    >= 0.75 over the samples with a true box (each answer scored against its best-matching true box, a
+    "no tumour" answer there scores 0); and, as "sens" and "spec", slice-level presence: the share of
+    samples with a true box answered with a box (sensitivity) and, when some samples have none, the
+    share of those answered "no tumour" (specificity)."""
+    pos = [(p, s) for p, s in zip(preds, samples) if s.boxes]
+    neg = [p for p, s in zip(preds, samples) if not s.boxes]
+    ious = [max(box_iou(p, t) for t in s.boxes) if p is not None else 0.0 for p, s in pos]
     n = max(len(ious), 1)
-    return dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n)
+    out = dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n,
+               sens=sum(p is not None for p, _ in pos) / n)
+    if neg:
+        out["spec"] = sum(p is None for p in neg) / len(neg)
+    return out
 
 
 def score_line(s):
-    """score_boxes' dict -> 'mean IoU 0.612, acc@0.5 0.780, acc@0.75 0.310', as train.py and sample.py print it."""
-    return f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f}"
+    """score_boxes' dict -> 'mean IoU 0.612, acc@0.5 0.780, acc@0.75 0.310, presence sens 0.950 spec 0.930',
+    as train.py and sample.py print it (the presence part only when some rows have no true box)."""
+    line = f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f}"
+    return line + (f", presence sens {s['sens']:.3f} spec {s['spec']:.3f}" if "spec" in s else "")
 
 
 # -----------------------------------------------------------------------------

@@ -603,7 +603,8 @@ class MiniGPT(nn.Module):
         are computed only at the L positions that predict answer tokens (the head is the costly part).
         With loc_sigma > 0 a location token's target is a Gaussian over the neighbouring bins, so a
         near miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0,
-        x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog."""
+        x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog, averaged over
+        the rows whose answer has a box (a "no tumour" row, `</box>` first, teaches only its tokens)."""
         L = answer.shape[1]
         tokens = self.vit_tokens(images) if tokens is None else tokens  # (B, N, T, W)
         x = self.splice_images(self.project_tokens(tokens), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
@@ -616,7 +617,9 @@ class MiniGPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         if self.box_mlp is not None and boxes is not None:
             pred = self.box_mlp(h[:, -L].float()).sigmoid()  # (B, 4): the hidden state at <box>
-            loss = loss + F.l1_loss(pred, boxes) + (1 - generalized_iou(pred, boxes)).mean()
+            has = (answer[:, 0] != self.cfg.box_end_id).float()  # (B,) rows with a box ("no tumour" has none)
+            per_row = F.l1_loss(pred, boxes, reduction="none").mean(-1) + 1 - generalized_iou(pred, boxes)
+            loss = loss + (per_row * has).sum() / has.sum().clamp(min=1)
         if self.patch_head is not None and boxes is not None:
             loss = loss + self.cfg.patch_loss * self.patch_loss_of(tokens, boxes)
         return loss
@@ -701,15 +704,25 @@ class MiniGPT(nn.Module):
     def grammar_step(self, logits, t: int, done, min_boxes: int = 1):
         """One greedy step of the box grammar: location tokens in groups of 4, `</box>` only after a
         complete group (and at least min_boxes), at most max_boxes groups. logits (B, V), done (B,)
-        bool -> next token (B,), bin (B,) (-1 once done), done. Branches only on the step t (a Python
-        int), never on tensor values, so there is no host synchronisation per token."""
+        bool -> next token (B,), bin (B,) (-1 once done), done. Between groups the choice is between two
+        branches, ending or starting a box, so `</box>` is weighed against all location tokens together
+        (their logsumexp: see presence), not against the single likeliest one. Branches only on the step t
+        (a Python int), never on tensor values, so there is no host synchronisation per token."""
         cfg = self.cfg
         loc = logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins]  # (B, bins)
         best = loc.argmax(-1)
         if t % 4 == 0 and t // 4 >= min_boxes:  # between groups: `</box>` may end the answer
-            done = done | (logits[:, cfg.box_end_id] > loc.max(-1).values)
+            done = done | (logits[:, cfg.box_end_id] > loc.logsumexp(-1))
         token = torch.where(done, cfg.box_end_id, cfg.loc_start + best)
         return token, torch.where(done, -1, best), done
+
+    def presence(self, logits):
+        """logits (B, V) at `<box>` -> (B,) the probability that the answer starts a box (a tumour) rather
+        than `</box>` (none): the grammar allows only these there, so p = sum of the location tokens'
+        probabilities over that plus `</box>`'s = sigmoid(logsumexp(loc) - logit(</box>))."""
+        cfg = self.cfg
+        loc = logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins].float()
+        return torch.sigmoid(loc.logsumexp(-1) - logits[:, cfg.box_end_id].float())
 
     def decode_step(self, token, input_pos):
         """token (B,), input_pos (1,) -> logits (B, V) of the next token, through the KV cache."""
@@ -725,20 +738,27 @@ class MiniGPT(nn.Module):
         self.decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else "default", fullgraph=True)
 
     @torch.no_grad()
-    def generate(self, images, min_boxes: int = 1):
-        """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after max_boxes
-        groups). Greedy, KV cache: one prefill of the prompt, then one cached step per token."""
-        B, n = images.shape[0], 4 * self.cfg.max_boxes
+    def prefill(self, images):
+        """images (B, N, 3, S, S) -> logits (B, V) of the first answer token, the prompt in the KV cache."""
         x = self.splice_images(self.encode_images(images))  # (B, P, dim)
-        P, device = x.shape[1], x.device
+        B, P, device = x.shape[0], x.shape[1], x.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        max_len = P + 4 * self.cfg.max_boxes
         cache = self.llm.layers[0].attn.kv_cache
-        if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != P + n or cache.k.dtype != dtype:
-            self.llm.setup_cache(B, P + n, dtype, device)
-        logits = self.llm.logits(self.llm(x, torch.arange(P, device=device), use_cache=True)[:, -1])  # (B, V)
+        if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_len or cache.k.dtype != dtype:
+            self.llm.setup_cache(B, max_len, dtype, device)
+        return self.llm.logits(self.llm(x, torch.arange(P, device=device), use_cache=True)[:, -1])  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, images, min_boxes: int = 1, logits=None):
+        """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after max_boxes
+        groups; with min_boxes=0 a row of -1 is the answer "no tumour"). Greedy, KV cache: one prefill of
+        the prompt, then one cached step per token. logits: prefill's output, when already computed."""
+        logits = self.prefill(images) if logits is None else logits
+        B, n, device = logits.shape[0], 4 * self.cfg.max_boxes, logits.device
         out = torch.full((B, n), -1, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        input_pos = torch.tensor([P], device=device)
+        input_pos = torch.tensor([self.prompt_len], device=device)
         for t in range(n):
             token, bins, done = self.grammar_step(logits, t, done, min_boxes)
             out[:, t] = bins
@@ -749,27 +769,33 @@ class MiniGPT(nn.Module):
 
     @torch.no_grad()
     def answer_boxes(self, images):
-        """images (B, N, 3, S, S) -> (B, 4) normalised [x0, y0, x1, y1]: the first answered box, read
-        at its bins' centres (tokens), or the box head's output (regress: one prefill, no decoding).
+        """images (B, N, 3, S, S) -> boxes (B, 4) normalised [x0, y0, x1, y1], p (B,) the probability of
+        a tumour (see presence; the answer is "no tumour" where p < 0.5). The box is the first answered
+        box, read at its bins' centres (tokens), or the box head's output (regress: one prefill, no
+        decoding); it is there for every row, so a caller may still look at it where p < 0.5.
         With cfg.flip_average, the mean of that box and the mirror image of the box answered for the
-        left-right mirrored study (one batch of 2B): a model trained with random flips answers both."""
+        left-right mirrored study, and the mean of both p (one batch of 2B): a model trained with random
+        flips answers both."""
         if not self.cfg.flip_average:
             return self.answer_boxes_once(images)
         B = images.shape[0]
-        b = self.answer_boxes_once(torch.cat([images, images.flip(-1)]))  # (2B, 4)
+        b, p = self.answer_boxes_once(torch.cat([images, images.flip(-1)]))  # (2B, 4), (2B,)
         x0, y0, x1, y1 = b[B:].unbind(-1)
-        return (b[:B] + torch.stack([1 - x1, y0, 1 - x0, y1], -1)) / 2
+        return (b[:B] + torch.stack([1 - x1, y0, 1 - x0, y1], -1)) / 2, (p[:B] + p[B:]) / 2
 
     @torch.no_grad()
     def answer_boxes_once(self, images):
-        """answer_boxes without flip averaging: images (B, N, 3, S, S) -> (B, 4) normalised."""
+        """answer_boxes without flip averaging: images (B, N, 3, S, S) -> boxes (B, 4) normalised, p (B,)."""
         if self.box_mlp is not None:
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
-            h = self.llm(x, torch.arange(x.shape[1], device=x.device))
-            b = self.box_mlp(h[:, -1].to(self.box_mlp[0].weight.dtype)).float().sigmoid()  # (B, 4); bf16 weights too
+            h = self.llm(x, torch.arange(x.shape[1], device=x.device))[:, -1]  # (B, dim) at <box>
+            b = self.box_mlp(h.to(self.box_mlp[0].weight.dtype)).float().sigmoid()  # (B, 4); bf16 weights too
+            p = self.presence(self.llm.logits(h))
         else:
-            b = (self.generate(images)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
-        return b.view(-1, 2, 2).sort(1).values.view(-1, 4)  # corners in order: x0 <= x1, y0 <= y1
+            logits = self.prefill(images)
+            p = self.presence(logits)
+            b = (self.generate(images, logits=logits)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
+        return b.view(-1, 2, 2).sort(1).values.view(-1, 4), p  # corners in order: x0 <= x1, y0 <= y1
 
     # ---- checkpoints
 

@@ -238,15 +238,14 @@ def read_data(args, log):
         train_samples = samples
     else:
         train_samples, val_samples = data.split_by_patient(samples, args.val_fraction, args.seed)
-    # The model always answers a box: rows that say "box": [] (a slice without tumour) cannot teach or score it.
+    # Rows with "box": [] (a slice without tumour) teach and test the answer "no tumour"; IoU needs rows with a box.
     for name, rows in (("training", train_samples), ("validation", val_samples)):
-        empty = [s.line for s in rows if not s.boxes]
-        if empty:
-            log(f"{name}: {len(empty)} rows without a box skipped (lines {', '.join(map(str, empty[:5]))}"
-                f"{', ...' if len(empty) > 5 else ''}); the model answers with a box, so only rows with one count")
-    train_samples, val_samples = [s for s in train_samples if s.boxes], [s for s in val_samples if s.boxes]
-    if not train_samples or not val_samples:
-        raise data.DataError(f"{args.data}: no {'training' if not train_samples else 'validation'} rows with a box")
+        if not any(s.boxes for s in rows):
+            raise data.DataError(f"{args.val if name == 'validation' and args.val else args.data}: "
+                                 f"no {name} rows with a box (every row says \"box\": [])")
+        n_empty = sum(not s.boxes for s in rows)
+        if n_empty:
+            log(f"{name}: {n_empty} of {len(rows)} rows without a tumour (\"box\": []), answered \"no tumour\"")
     return modalities, train_samples, val_samples
 
 
@@ -312,18 +311,19 @@ def cached_vit_tokens(model, images, device, autocast, log, batch_size=64):
 
 @torch.no_grad()
 def predict(model, images, samples, device, autocast, batch_size=64):
-    """-> one predicted box per sample, pixel [x0, y0, x1, y1] of that sample's own image size."""
+    """-> one answer per sample: pixel [x0, y0, x1, y1] of that sample's own image size, or None for
+    "no tumour" (the model's tumour probability below 0.5)."""
     model.eval()
     with autocast():
-        boxes = torch.cat([model.answer_boxes(images[i: i + batch_size].to(device).float()).float().cpu()
-                           for i in range(0, len(samples), batch_size)])  # (M, 4) normalised
+        answers = [model.answer_boxes(images[i: i + batch_size].to(device).float()) for i in range(0, len(samples), batch_size)]
     model.train()
-    return [data.to_pixels(b, s.size) for b, s in zip(boxes, samples)]
+    boxes, p = torch.cat([b.float().cpu() for b, _ in answers]), torch.cat([p.float().cpu() for _, p in answers])
+    return [data.to_pixels(b, s.size) if q >= 0.5 else None for b, q, s in zip(boxes, p, samples)]
 
 
-def mean_box_preds(train_boxes, samples):
+def mean_box_preds(train_boxes, train_nbox, samples):
     """The baseline a model must beat: always answer the mean training box (scaled to each image)."""
-    m = train_boxes[:, 0].mean(0)
+    m = train_boxes[train_nbox > 0, 0].mean(0)
     return [data.to_pixels(m, s.size) for s in samples]
 
 
@@ -460,7 +460,7 @@ def main(argv=None):
     tr_images, tr_boxes, tr_nbox = data.load_tensors(train_samples, cfg.vit.image_size, cfg.max_boxes)
     va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
     log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
-    baseline = data.score_boxes(mean_box_preds(tr_boxes, val_samples), val_samples)
+    baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, val_samples), val_samples)
     tr_tokens = cached_vit_tokens(model, tr_images, device, autocast, log) if args.cache_features else None
 
     # ---- bookkeeping: metrics so far (a resumed run keeps its curve), the clock, the last saved step

@@ -301,8 +301,14 @@ def test_sample_from_images_and_score(ds, tmp_path):
     _, samples = data.read_summary(make())          # one box [10, 5, 30, 20]
     half = [10, 5, 20, 20]                          # IoU 0.5 exactly
     sc = data.score_boxes([[10, 5, 30, 20], half], samples + samples)
-    assert sc == dict(miou=0.75, acc50=1.0, acc75=0.5)
+    assert sc == dict(miou=0.75, acc50=1.0, acc75=0.5, sens=1.0)
     assert data.score_boxes([[30, 20, 40, 30]], samples[:1])["miou"] == 0.0  # no overlap
+    # "no tumour" answers (None) and rows without a true box: IoU over rows with a box (a miss scores 0),
+    # presence over all rows
+    empty = data.Sample(samples[0].paths, [], samples[0].size, 9, {}, "x")
+    sc = data.score_boxes([[10, 5, 30, 20], None, None, [0, 0, 5, 5], None], samples * 2 + [empty] * 3)
+    assert sc == dict(miou=0.5, acc50=0.5, acc75=0.5, sens=0.5, spec=2 / 3)
+    assert data.score_line(sc) == "mean IoU 0.500, acc@0.5 0.500, acc@0.75 0.500, presence sens 0.500 spec 0.667"
 
 
 def test_case_id():

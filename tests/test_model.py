@@ -352,7 +352,8 @@ def test_save_load_round_trip(tmp_path, kw):
     with torch.no_grad():
         assert torch.equal(r(images, answer, mask), m(images, answer, mask))
     assert torch.equal(r.generate(images), m.generate(images))
-    assert torch.equal(r.answer_boxes(images), m.answer_boxes(images))
+    for a, b in zip(r.answer_boxes(images), m.answer_boxes(images)):
+        assert torch.equal(a, b)
 
 
 def test_loc_smoothing_loss_by_hand():
@@ -401,7 +402,9 @@ def test_regress_head_trains_and_answers():
     assert torch.allclose(loss, token_loss + extra, atol=1e-5)
     loss.backward()
     assert m.box_mlp[0].weight.grad.abs().sum() > 0 and m.vit.patch_embed.weight.grad.abs().sum() > 0
-    boxes = m.eval().answer_boxes(images)
+    boxes, p = m.eval().answer_boxes(images)
+    with torch.no_grad():
+        torch.testing.assert_close(p, m.presence(m.llm.logits(m.llm(x, torch.arange(x.shape[1]))[:, -1])))
     assert boxes.shape == (2, 4) and (boxes[:, :2] <= boxes[:, 2:]).all() and ((0 <= boxes) & (boxes <= 1)).all()
     assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
 
@@ -412,7 +415,45 @@ def test_answer_boxes_reads_the_first_answered_box():
     bins = m.generate(images)[:, :4].float()
     expect = (bins + 0.5) / BINS
     expect = torch.cat([torch.minimum(expect[:, :2], expect[:, 2:]), torch.maximum(expect[:, :2], expect[:, 2:])], 1)
-    torch.testing.assert_close(m.answer_boxes(images), expect)
+    boxes, p = m.answer_boxes(images)
+    torch.testing.assert_close(boxes, expect)
+    with torch.no_grad():  # the tumour probability: the location tokens' share at <box>, beside </box>
+        logits = m.llm.logits(m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len))[:, -1])
+    loc = logits[:, LOC0: LOC0 + BINS].exp().sum(-1)
+    torch.testing.assert_close(p, loc / (loc + logits[:, BOX_END].exp()))
+
+
+def test_no_tumour_weighs_end_against_all_locations_together():
+    """Between groups the grammar chooses a branch: `</box>` wins only over the location tokens' summed
+    probability. 16 equal location logits 0 sum to log 16 = 2.77 in logits: an end logit of 2 beats each
+    one but not their sum; 3 beats the sum."""
+    m = tiny_model()
+    logits = torch.full((2, 61), -30.0)
+    logits[:, LOC0: LOC0 + BINS] = 0.0
+    logits[:, BOX_END] = torch.tensor([2.0, 3.0])
+    token, bins, done = m.grammar_step(logits, 0, torch.zeros(2, dtype=torch.bool), min_boxes=0)
+    assert done.tolist() == [False, True] and token[1] == BOX_END and bins[1] == -1 and bins[0] == 0
+    torch.testing.assert_close(m.presence(logits), torch.tensor([16 / (16 + math.exp(2)), 16 / (16 + math.exp(3))]))
+    _, _, done = m.grammar_step(logits, 0, torch.zeros(2, dtype=torch.bool), min_boxes=1)
+    assert not done.any()  # min_boxes=1: a box, whatever </box> says
+
+
+def test_regress_loss_counts_only_rows_with_a_box():
+    """A "no tumour" row (`</box>` first) teaches its tokens only: the box head's L1 + GIoU is the mean
+    over the rows with a box, whatever box tensor the empty row carries."""
+    images, answer, mask = batch()
+    answer[0] = torch.tensor([BOX_END, EOS] + [PAD] * 8)
+    mask = answer != PAD
+    target = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.9, 0.8]])
+    m = tiny_model(box_head="regress").train()
+    token_loss = MiniGPT.forward(tiny_model(), images, answer, mask)  # same seed, same weights
+    loss = m(images, answer, mask, target)
+    with torch.no_grad():
+        x = m.splice_images(m.encode_images(images))
+        pred = m.box_mlp(m.llm(x, torch.arange(x.shape[1]))[1:, -1]).sigmoid()  # row 1 only
+    extra = (pred - target[1:]).abs().mean() + (1 - generalized_iou(pred, target[1:])).mean()
+    assert torch.allclose(loss, token_loss + extra, atol=1e-5)
+    assert torch.isfinite(m(images[:1], answer[:1], mask[:1], target[:1]))  # no row with a box: tokens only
 
 
 @pytest.mark.parametrize("box_head", ["tokens", "regress"])
@@ -423,12 +464,16 @@ def test_flip_average_answers_a_mirrored_study_with_the_mirrored_box(box_head):
             p.add_(torch.randn_like(p) * 0.3)
     images, _, _ = batch()
     mirror = lambda b: torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
-    plain, flipped = m.answer_boxes(images), m.answer_boxes(images.flip(-1))
+    (plain, p_plain), (flipped, p_flipped) = m.answer_boxes(images), m.answer_boxes(images.flip(-1))
     assert not torch.allclose(flipped, mirror(plain), atol=1e-3)  # a model that is not symmetric by itself
+    assert not torch.allclose(p_plain, p_flipped, atol=1e-4)
     m.cfg.flip_average = True
-    both = m.answer_boxes(images)
+    both, p_both = m.answer_boxes(images)
     torch.testing.assert_close(both, (plain + mirror(flipped)) / 2)
-    torch.testing.assert_close(m.answer_boxes(images.flip(-1)), mirror(both))
+    torch.testing.assert_close(p_both, (p_plain + p_flipped) / 2)
+    again, p_again = m.answer_boxes(images.flip(-1))
+    torch.testing.assert_close(again, mirror(both))
+    torch.testing.assert_close(p_again, p_both)
 
 
 def test_config_json_round_trip():
