@@ -2,24 +2,28 @@
 Turn datasets into summary.jsonl (the format data.py reads at run time; see README "Your data"):
 
     python prepare.py demo OUT_DIR [--cases K] [--seed S]                       # synthetic BraTS-like phantoms
-    python prepare.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--min-tumor-px N]   # NIfTI case folders
+    python prepare.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--negatives R]    # NIfTI case folders
     python prepare.py masks IMAGES MASKS OUT_DIR [--cases cases.csv]             # image + mask pairs
 
 Read top to bottom: writing jsonl and a contact sheet to check it by eye, the synthetic demo, reading
-NIfTI volumes and the BraTS converter, the image + mask converter, then the command line. Like
-nanoGPT's data/*/prepare.py, this runs once per dataset; train.py and sample.py only read its output.
+NIfTI volumes and studies (read_study, view_slice, slice_jpeg, volume_box: sample.py --volume answers a
+whole study through these, so its slices are the converter's pictures), the BraTS converter, the image +
+mask converter, then the command line. Like nanoGPT's data/*/prepare.py, this runs once per dataset;
+train.py and sample.py only read its output.
 
 This file imports data.py only.
 """
 import argparse
 import csv
 import gzip
+import io
 import json
 import math
 import os
 import re
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -245,11 +249,47 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
 _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 
 
+@dataclass
+class Grid:
+    """How read_volume's RAS+ array maps back to its file: RAS axis a is the file's voxel axis axes[a],
+    reversed where flipped[a]; affine maps the file's voxel indices (i, j, k, 1) to millimetres (the
+    sform, else the qform, else the voxel sizes)."""
+    shape: tuple  # the file's voxel shape
+    axes: tuple
+    flipped: tuple
+    affine: np.ndarray  # (4, 4)
+
+    def to_file(self, box):
+        """A box of the RAS array in voxel edges [x0, y0, z0, x1, y1, z1] -> the same voxels as edges
+        of the file's voxel grid (what a viewer shows)."""
+        lo, hi = [0] * 3, [0] * 3
+        for a, i in enumerate(self.axes):
+            b0, b1 = box[a], box[a + 3]
+            lo[i], hi[i] = (self.shape[i] - b1, self.shape[i] - b0) if self.flipped[a] else (b0, b1)
+        return lo + hi
+
+    def to_mm(self, box):
+        """A box of the file's voxel grid in edges -> [x0, y0, z0, x1, y1, z1] in world millimetres (the
+        NIfTI affine maps voxel centres, so an edge e sits at index e - 0.5); axis-aligned in the world."""
+        corners = np.array([[box[3 * u] - 0.5, box[1 + 3 * v] - 0.5, box[2 + 3 * w] - 0.5, 1.0]
+                            for u in (0, 1) for v in (0, 1) for w in (0, 1)])  # (8, 4)
+        mm = corners @ self.affine[:3].T  # (8, 3)
+        return [round(float(v), 2) for v in np.concatenate([mm.min(0), mm.max(0)])]
+
+
 def read_nifti(path):
-    """A NIfTI-1 file (.nii or .nii.gz) -> (volume float32 (X, Y, Z) in RAS+ order: index grows towards
-    the patient's Right, Anterior, Superior, intensity scaling applied)."""
+    """A NIfTI-1 file (.nii or .nii.gz) -> volume float32 (X, Y, Z) in RAS+ order: index grows towards
+    the patient's Right, Anterior, Superior, intensity scaling applied."""
+    return read_volume(path)[0]
+
+
+def read_volume(path):
+    """read_nifti, and the Grid that maps the RAS+ array back to the file's voxels and millimetres."""
     path = Path(path)
-    raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+    try:
+        raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as e:  # missing, unreadable, not gzip, truncated
+        raise DataError(f"{path}: cannot be read as a NIfTI file ({e})") from None
     if len(raw) < 352:
         raise DataError(f"{path}: too short for a NIfTI-1 file")
     e = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
@@ -265,16 +305,20 @@ def read_nifti(path):
     vox_offset = int(struct.unpack(e + "f", raw[108:112])[0])
     slope, inter = struct.unpack(e + "2f", raw[112:120])
     qform_code, sform_code = struct.unpack(e + "2h", raw[252:256])
+    affine = np.eye(4)
     shape = tuple(max(1, d) for d in dim[1:4])
     count = shape[0] * shape[1] * shape[2]
     dt = np.dtype(e + _NIFTI_DTYPES[dtype])
+    if len(raw) < vox_offset + count * dt.itemsize:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes hold fewer than the {shape} voxels of its header")
     data = np.frombuffer(raw, dt, count, vox_offset).reshape(shape, order="F")  # NIfTI stores x fastest
     if slope not in (0.0, 1.0) or inter != 0.0:  # scl_slope 0 means "no scaling"
         data = data.astype(np.float64) * (slope if slope else 1.0) + inter
     data = data.astype(np.float32)
     # voxel axes -> world (RAS+) directions: the sform if set, else the qform, else the identity
     if sform_code > 0:
-        rot = np.array(struct.unpack(e + "12f", raw[280:328]), np.float64).reshape(3, 4)[:, :3]
+        affine[:3] = np.array(struct.unpack(e + "12f", raw[280:328]), np.float64).reshape(3, 4)
+        rot = affine[:3, :3]
     elif qform_code > 0:
         b, c, d = struct.unpack(e + "3f", raw[256:268])
         a = math.sqrt(max(0.0, 1 - b * b - c * c - d * d))
@@ -282,18 +326,25 @@ def read_nifti(path):
                         [2*(b*c + a*d), a*a + c*c - b*b - d*d, 2*(c*d - a*b)],
                         [2*(b*d - a*c), 2*(c*d + a*b), a*a + d*d - c*c - b*b]])
         rot[:, 2] *= -1 if pixdim[0] < 0 else 1  # qfac
+        affine[:3, :3] = rot * np.array(pixdim[1:4])
+        affine[:3, 3] = struct.unpack(e + "3f", raw[268:280])  # qoffset
     else:
         rot = np.eye(3)
+        affine[:3, :3] = np.diag([p or 1.0 for p in pixdim[1:4]])
     world = np.abs(rot).argmax(0)  # which world axis each voxel axis runs along
     if sorted(world) != [0, 1, 2]:
         raise DataError(f"{path}: oblique orientation; cannot tell which axis is which")
     for i in range(3):
         if rot[world[i], i] < 0:
             data = np.flip(data, i)
-    return np.ascontiguousarray(data.transpose(np.argsort(world)))  # (R, A, S)
+    axes = tuple(int(i) for i in np.argsort(world))  # RAS axis a is voxel axis axes[a]
+    grid = Grid(shape, axes, tuple(bool(rot[world[i], i] < 0) for i in axes), affine)
+    return np.ascontiguousarray(data.transpose(axes)), grid  # (R, A, S)
 
 
-def _slice(vol, view, k):
+
+
+def view_slice(vol, view, k):
     """An upright 2-D slice of a RAS+ volume, radiological convention (the patient's right on the image's
     left): axial with the nose up, coronal and sagittal with the top of the head up (sagittal facing left)."""
     if view == "axial":
@@ -311,10 +362,85 @@ def _window(vol, brain, lo_pct=0.5, hi_pct=99.5):
     return np.where(brain, out, 0).astype(np.uint8)
 
 
-def convert_brats(src, out, views=("axial",), min_tumor_px=100, val_fraction=0.2, seed=0, log=print):
+VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis that a view's slices are taken along
+MIN_BRAIN_SHARE = 0.05  # a slice with less brain than this share of the study's largest section shows background
+
+
+def case_file(folder, name):
+    """<folder>/<folder name>-<name>.nii.gz (or .nii) when it exists, else None."""
+    folder = Path(folder)
+    return next((p for p in (folder / f"{folder.name}-{name}.nii.gz", folder / f"{folder.name}-{name}.nii") if p.is_file()), None)
+
+
+def read_study(paths, brainmask=None):
+    """The modality volumes of one study -> (uint8 RAS volumes windowed inside the brain, brain (bool
+    RAS), the first file's Grid). The converter and sample.py --volume both read studies here, so a
+    slice is the same picture in training and in answering. The brain is the brain mask when given
+    (z-scored data has a nonzero background), else the voxels nonzero in any modality; a volume that
+    is nonzero nearly everywhere without a mask is refused (its window would be the background's)."""
+    read = [read_volume(p) for p in paths]
+    vols = [v for v, _ in read]
+    if len({v.shape for v in vols}) > 1:
+        raise DataError("volumes of one study must have one shape, got "
+                        + ", ".join(f"{Path(p).name} {v.shape}" for p, v in zip(paths, vols)))
+    if brainmask is not None:
+        brain = read_nifti(brainmask) > 0
+        if brain.shape != vols[0].shape:
+            raise DataError(f"{brainmask}: brain mask of shape {brain.shape}, the volumes are {vols[0].shape}")
+    else:
+        brain = np.any([v != 0 for v in vols], 0)
+        if brain.mean() > 0.9:
+            raise DataError(f"{paths[0]}: nonzero in {brain.mean():.0%} of the voxels, so the brain cannot be told from "
+                            f"the background (z-scored, or not skull-stripped); give its brain mask (<case>-brainmask.nii.gz)")
+    if not brain.any():
+        raise DataError(f"{paths[0]}: every voxel is zero")
+    return [_window(v, brain) for v in vols], brain, read[0][1]
+
+
+def brain_slices(brain, view):
+    """-> bool per slice of the view: True where the slice shows brain (MIN_BRAIN_SHARE of the largest section)."""
+    area = brain.sum(tuple(a for a in range(3) if a != VIEW_AXIS[view]))
+    return area >= MIN_BRAIN_SHARE * area.max()
+
+
+def slice_jpeg(volume, view, k):
+    """Slice k of a windowed uint8 volume in a view -> the converter's JPEG file as bytes (quality 95)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(view_slice(volume, view, k)), mode="L").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def volume_box(box, view, k, shape):
+    """A pixel box [x0, y0, x1, y1] (edges) on slice k of a view, as view_slice draws it, of a RAS volume of
+    shape (X, Y, Z) -> the same voxels as RAS edges [x0, y0, z0, x1, y1, z1]. Image columns and rows run
+    against the RAS axes (see view_slice), so an edge e becomes n - e."""
+    X, Y, Z = shape
+    c0, r0, c1, r1 = box
+    if view == "axial":  # columns: x reversed, rows: y reversed
+        return [X - c1, Y - r1, k, X - c0, Y - r0, k + 1]
+    if view == "coronal":  # columns: x reversed, rows: z reversed
+        return [X - c1, k, Z - r1, X - c0, k + 1, Z - r0]
+    return [k, Y - c1, Z - r1, k + 1, Y - c0, Z - r0]  # sagittal: columns y reversed, rows z reversed
+
+
+def image_box(box, view, shape):
+    """volume_box's way back: RAS edges [x0, y0, z0, x1, y1, z1] -> the pixel box [x0, y0, x1, y1] that
+    the box covers on any slice of the view."""
+    X, Y, Z = shape
+    x0, y0, z0, x1, y1, z1 = box
+    if view == "axial":
+        return [X - x1, Y - y1, X - x0, Y - y0]
+    if view == "coronal":
+        return [X - x1, Z - z1, X - x0, Z - z0]
+    return [Y - y1, Z - z1, Y - y0, Z - z0]
+
+
+def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, val_fraction=0.2, seed=0, log=print):
     """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG slices and jsonl rows (see README, "Your data").
 
-    Keeps slices with at least min_tumor_px whole-tumour pixels (seg > 0). Images are
+    Keeps slices with at least min_tumor_px whole-tumour pixels (seg > 0), and with negatives R > 0
+    also round(R * that many) slices without any tumour pixel, "box": [], spread evenly over the slices
+    that show brain (brain_slices: not the empty background above and below it). Images are
     out/images/<case>_<viewindex>-<slice>_<modindex>.jpg (view index in VIEWS, modality index in the row's
     key order). Writes summary.jsonl (all rows), train.jsonl and val.jsonl (split by patient). Rows of
     different views have different keys, so with several views each view gets its own folder out/<view>/.
@@ -337,36 +463,43 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, val_fraction=0.2
         if present != mods:
             log(f"{d.name}: modalities {present} differ from the first case's {mods}, skipped")
             continue
-        seg = read_nifti(files["seg"]) > 0
-        vols = [read_nifti(files[m]) for m in mods]
-        if any(v.shape != seg.shape for v in vols):
-            log(f"{d.name}: volumes of different shapes {[v.shape for v in vols]}, skipped")
+        try:
+            images, brain, _ = read_study([files[m] for m in mods], files.get("brainmask"))
+        except DataError as e:  # one bad case does not stop the others
+            log(f"{d.name}: {e}; skipped")
             continue
-        # the brain: a brainmask volume when present (z-scored data has a nonzero background), else nonzero voxels
-        brain = read_nifti(files["brainmask"]) > 0 if "brainmask" in files else np.any([v != 0 for v in vols], 0)
-        images = [_window(v, brain) for v in vols]
+        seg = read_nifti(files["seg"]) > 0
+        if seg.shape != brain.shape:
+            log(f"{d.name}: seg of shape {seg.shape}, volumes {brain.shape}; skipped")
+            continue
         added = {}
         for view in views:
-            vi, axis = VIEWS.index(view), {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+            vi, axis = VIEWS.index(view), VIEW_AXIS[view]
             folder = out if len(views) == 1 else out / view
             (folder / "images").mkdir(parents=True, exist_ok=True)
             counts = seg.sum(tuple(a for a in range(3) if a != axis))
-            for k in np.nonzero(counts >= min_tumor_px)[0]:
+            tumour = np.nonzero(counts >= max(min_tumor_px, 1))[0]
+            free = np.nonzero((counts == 0) & brain_slices(brain, view))[0]
+            n_free = min(len(free), round(negatives * len(tumour)))
+            free = free[np.linspace(0, len(free) - 1, n_free).round().astype(int)] if n_free else free[:0]
+            for k in sorted([*tumour, *free]):
                 row = {}
                 for j, (m, img) in enumerate(zip(mods, images)):
                     name = f"images/{d.name}_{vi}-{k:03d}_{j}.jpg"
-                    _save_gray(np.ascontiguousarray(_slice(img, view, k)), folder / name)
+                    (folder / name).write_bytes(slice_jpeg(img, view, k))
                     row[f"{m} {view.capitalize()}_path"] = name
-                row["box"] = [mask_box(_slice(seg, view, k))]
+                row["box"] = [mask_box(view_slice(seg, view, k))] if counts[k] > 0 else []
                 rows[view].append(row)
-            added[view] = int((counts >= min_tumor_px).sum())
-        log(f"{d.name}: " + ", ".join(f"{view} {n} slices" for view, n in added.items()))
+            added[view] = f"{len(tumour)} slices" + (f" + {n_free} without tumour" if negatives > 0 else "")
+        log(f"{d.name}: " + ", ".join(f"{view} {n}" for view, n in added.items()))
     if mods is None:
         raise DataError(f"{src}: no case has a seg file; nothing to convert")
     for view in views:
         folder = out if len(views) == 1 else out / view
         val = write_split(folder, rows[view], [data.case_id(next(iter(r.values()))) for r in rows[view]], val_fraction, seed)
-        log(f"{view}: {len(rows[view])} slices, {len(val)} validation cases ({', '.join(sorted(val))}) -> {folder}")
+        n_free = sum(not r["box"] for r in rows[view])
+        log(f"{view}: {len(rows[view])} slices ({n_free} without tumour), {len(val)} validation cases "
+            f"({', '.join(sorted(val))}) -> {folder}")
     return {v: len(rows[v]) for v in views}
 
 
@@ -516,6 +649,9 @@ def main(argv=None):
     p.add_argument("out_dir", help="output folder (images/, summary.jsonl, train.jsonl, val.jsonl, contact_sheet.png)")
     p.add_argument("--views", default="axial", help="comma-separated subset of axial,coronal,sagittal (default axial)")
     p.add_argument("--min-tumor-px", type=int, default=100, help="keep slices with at least this many tumour pixels (default 100)")
+    p.add_argument("--negatives", type=float, default=0.0, metavar="R",
+                   help='also R slices without tumour ("box": []) per tumour slice, spread over the slices that '
+                        'show brain, to teach the answer "no tumour" (default 0: tumour slices only)')
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val.jsonl (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
     p = sub.add_parser("masks", help="convert image + mask pairs (one or several modalities) into jsonl")
@@ -554,7 +690,9 @@ def main(argv=None):
         bad = [v for v in views if v not in VIEWS]
         if bad or not views:
             parser.error(f"--views: unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
-        convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.val_fraction, args.seed)
+        if args.negatives < 0:
+            parser.error(f"--negatives {args.negatives}: expected a number >= 0")
+        convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.negatives, args.val_fraction, args.seed)
 
 
 if __name__ == "__main__":

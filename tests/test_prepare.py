@@ -4,6 +4,7 @@ import gzip
 import re
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +17,21 @@ DT = {np.dtype("int16"): 4, np.dtype("uint8"): 2, np.dtype("float32"): 16, np.dt
       np.dtype("int32"): 8, np.dtype("uint16"): 512}
 
 
-def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0.0, form="sform", endian="<"):
+def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0.0, form="sform", endian="<",
+                offset=(0.0, 0.0, 0.0)):
     """A minimal single-file NIfTI-1 (gzip): `stored` is the on-disk array (x fastest), `rot` maps its
-    voxel axes to RAS world directions."""
+    voxel axes to RAS world directions (in mm per voxel), offset is the world position of voxel 0."""
     h = bytearray(352)
     e = endian
     struct.pack_into(e + "i", h, 0, 348)
-    struct.pack_into(e + "8h", h, 40, 3, *stored.shape, 1, 1, 1, 1)
+    struct.pack_into(e + "8h", h, 40, stored.ndim, *stored.shape, *[1] * (7 - stored.ndim))
     struct.pack_into(e + "2h", h, 70, DT[stored.dtype], stored.dtype.itemsize * 8)
     struct.pack_into(e + "8f", h, 76, 1, 1, 1, 1, 0, 0, 0, 0)
     struct.pack_into(e + "f", h, 108, 352)
     struct.pack_into(e + "2f", h, 112, slope, inter)
     if form == "sform":
         struct.pack_into(e + "2h", h, 252, 0, 1)
-        struct.pack_into(e + "12f", h, 280, *np.concatenate([rot, np.zeros((3, 1))], 1).ravel())
+        struct.pack_into(e + "12f", h, 280, *np.concatenate([rot, np.array(offset, float)[:, None]], 1).ravel())
     else:  # qform: rotation as a quaternion (only the identity and 180 deg about z used here)
         struct.pack_into(e + "2h", h, 252, 1, 0)
         b, c, d = (0, 0, 1) if np.allclose(rot, np.diag([-1, -1, 1])) else (0, 0, 0)
@@ -75,6 +77,71 @@ def test_read_nifti_rejects_non_nifti(tmp_path):
         prepare.read_nifti(tmp_path / "x.nii.gz")
 
 
+def test_read_nifti_refuses_what_it_cannot_read(tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "png.nii.gz", format="PNG")  # not gzip
+    (tmp_path / "text.nii").write_text("hello")
+    write_nifti(tmp_path / "4d.nii.gz", np.zeros((4, 4, 3, 2), np.int16))
+    write_nifti(tmp_path / "3d.nii.gz", np.zeros((4, 4, 3), np.int16))
+    with gzip.open(tmp_path / "3d.nii.gz") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "short.nii.gz", "wb") as f:
+        f.write(raw[:-10])
+    for name, message in [("png.nii.gz", "cannot be read as a NIfTI file"), ("text.nii", "too short"),
+                          ("4d.nii.gz", "a 4-D image; expected one 3-D volume"), ("short.nii.gz", "truncated"),
+                          ("missing.nii.gz", "cannot be read as a NIfTI file")]:
+        with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / name}: {message}")):
+            prepare.read_nifti(tmp_path / name)
+
+
+def true_box(mask):
+    """Pixel edges [x0, y0, x1, y1] of a 2-D mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_slice_boxes_map_back_to_the_files_voxels_and_millimetres(tmp_path):
+    """A tumour stored in a file with permuted, flipped axes and 2 mm voxels: the union of its slice
+    boxes, in any view, maps back (volume_box, Grid.to_file) to its box in the file's own voxels, and
+    Grid.to_mm to the hand-computed millimetres."""
+    stored = np.zeros((7, 11, 9), np.uint8)  # voxel axes: (inferior, right, anterior), as in the test above
+    stored[2:5, 3:9, 1:4] = 1
+    rot = 2 * np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)
+    write_nifti(tmp_path / "seg.nii.gz", stored, rot=rot, offset=(10.0, -20.0, 30.0))
+    ras, grid = prepare.read_volume(tmp_path / "seg.nii.gz")
+    assert ras.shape == (11, 9, 7)
+    for view in prepare.VIEWS:
+        axis = prepare.VIEW_AXIS[view]
+        boxes = []
+        for k in range(ras.shape[axis]):
+            img = prepare.view_slice(ras, view, k)
+            if img.any():
+                b = prepare.volume_box(true_box(img), view, k, ras.shape)
+                assert prepare.image_box(b, view, ras.shape) == true_box(img)
+                boxes.append(b)
+        boxes = np.array(boxes)
+        union = list(boxes[:, :3].min(0)) + list(boxes[:, 3:].max(0))
+        assert grid.to_file(union) == [2, 3, 1, 5, 9, 4], view
+    # voxel i of axis 0 (inferior) is at z = 30 - 2 i mm, axis 1 at x = 10 + 2 j, axis 2 at y = -20 + 2 k; edges at i - 0.5
+    assert grid.to_mm([2, 3, 1, 5, 9, 4]) == [10 + 2 * 2.5, -20 + 2 * 0.5, 30 - 2 * 4.5, 10 + 2 * 8.5, -20 + 2 * 3.5, 30 - 2 * 1.5]
+
+
+def test_read_study_errors_name_the_file(tmp_path):
+    a = np.ones((6, 5, 4), np.float32)
+    write_nifti(tmp_path / "a.nii.gz", a)
+    write_nifti(tmp_path / "b.nii.gz", np.ones((6, 5, 3), np.float32))
+    write_nifti(tmp_path / "z.nii.gz", np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32))
+    with pytest.raises(data.DataError, match=re.escape("one shape, got a.nii.gz (6, 5, 4), b.nii.gz (6, 5, 3)")):
+        prepare.read_study([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"])
+    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / 'z.nii.gz'}: nonzero in 100% of the voxels")):
+        prepare.read_study([tmp_path / "z.nii.gz"])  # z-scored: no zero background to find the brain by
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[1:5, 1:4, 1:3] = 1
+    write_nifti(tmp_path / "mask.nii.gz", mask)
+    images, brain, _ = prepare.read_study([tmp_path / "z.nii.gz"], tmp_path / "mask.nii.gz")
+    assert brain.sum() == 24 and (images[0][~brain] == 0).all()
+    assert prepare.brain_slices(brain, "axial").tolist() == [False, True, True, False]
+
+
 def make_case(root, name, mods=("t2f", "t1c"), seg=True, shape=(24, 20, 6)):
     """A small study in RAS: brain = a box of noise; tumour in the front-right, bright on every modality."""
     d = root / name
@@ -115,6 +182,24 @@ def test_convert_brats_synthetic(tmp_path):
     val = (tmp_path / "out" / "axial" / "val.jsonl").read_text().splitlines()
     case = lambda line: data.case_id(next(iter(json.loads(line).values())))
     assert len(train) == 12 and len(val) == 4 and not {case(r) for r in train} & {case(r) for r in val}
+
+
+def test_convert_brats_negatives(tmp_path):
+    """--negatives 1: as many tumour-free slices as tumour slices where there are enough (here 2 of z
+    0 and 5, the tumour being on 1..4), "box": [], their pixels written like the others."""
+    src = tmp_path / "src"
+    for k in range(2):
+        make_case(src, f"BraTS-TEST-0000{k}-000")
+    counts = prepare.convert_brats(src, tmp_path / "out", min_tumor_px=10, negatives=1.0, val_fraction=0.5, log=print)
+    assert counts == {"axial": 2 * 6}
+    _, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
+    empty = [s for s in samples if not s.boxes]
+    assert [Path(s.paths[0]).name for s in empty][:2] == ["BraTS-TEST-00000-000_0-000_0.jpg", "BraTS-TEST-00000-000_0-005_0.jpg"]
+    img = np.asarray(Image.open(empty[0].paths[0]))
+    assert len(empty) == 4 and (img[4:16, 4:20] > 0).mean() > 0.9 and img[0].max() < 20  # brain, black around it
+    prepare.convert_brats(src, tmp_path / "half", min_tumor_px=10, negatives=0.25, log=print)  # 1 per case: the first
+    _, samples = data.read_summary(tmp_path / "half" / "summary.jsonl")
+    assert [Path(s.paths[0]).name for s in samples if not s.boxes] == [f"BraTS-TEST-0000{k}-000_0-000_0.jpg" for k in range(2)]
 
 
 def test_convert_brats_real(shared_data, tmp_path):
