@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -113,19 +114,51 @@ def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
     import sample
     model, meta, _ = sample.load(sample.find_checkpoint(out))
     _, samples = data.read_summary(demo)
-    assert sample.predict(model, samples, meta, "cpu", batch_size=4, pad=True) == sample.predict(model, samples, meta, "cpu")
+    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
+    for a, b in zip(sample.predict(model, samples, read, "cpu", batch_size=4, pad=True), sample.predict(model, samples, read, "cpu")):
+        assert torch.equal(a, b)
 
 
-def test_rows_without_a_box_are_skipped_in_training_and_not_scored(trained, demo, tmp_path):
+def test_rows_without_a_box_train_no_tumour_and_score_presence(trained, demo, tmp_path):
     rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
     rows[1]["box"] = []  # a slice without tumour
     f = Path(demo).parent / "one_empty.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = run("train.py", "--data", f, "--val", f, "--out", tmp_path, "--max-steps", 2, "--eval-every", 2, *TINY)
-    assert "1 rows without a box skipped (lines 2)" in r.stdout
+    assert f'training: 1 of {len(rows)} rows without a tumour ("box": [])' in r.stdout
+    assert "presence sens" in r.stdout and "spec" in last_eval(tmp_path)
     r = run("sample.py", "--ckpt", trained[0], "--data", f)
-    assert len(r.stdout.splitlines()) == len(rows)  # every row answered
-    assert f"on {len(rows) - 1} rows (1 rows without a box not scored)" in r.stderr
+    answers = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(answers) == len(rows) and all(0 <= a["p_tumour"] <= 1 for a in answers)  # every row answered
+    assert f"IoU on the {len(rows) - 1} rows with a box, presence on all {len(rows)}" in r.stderr
+    empty = [r for r in rows if r["box"]]
+    for r in empty:
+        r["box"] = []
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run("train.py", "--data", f, "--out", tmp_path / "none", *TINY, ok=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f'error: {f}: no training rows with a box (every row says "box": [])']
+
+
+def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
+    import sample
+    # 10..17 with gaps of 1 (13, 16): one run; 3 and 40 lone, far away: dropped; 25, 26 a pair: dropped
+    kept, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 17, 25, 26])
+    assert kept == [10, 11, 12, 14, 15, 17] and dropped == [3, 25, 26, 40]
+    # a gap of 3 splits; both runs have >= 3 slices, so both stay (a tumour in two parts)
+    assert sample.tumour_runs([1, 2, 3, 7, 8, 9, 10]) == ([1, 2, 3, 7, 8, 9, 10], [])
+    assert sample.tumour_runs([1, 2, 3, 6, 7]) == ([1, 2, 3, 6, 7], [])  # a gap of 2 bridged
+    assert sample.tumour_runs([5]) == ([5], [])  # the only run is the longest, however short
+    assert sample.tumour_runs([1, 2, 9, 10]) == ([1, 2], [9, 10])  # equals: the first
+    assert sample.tumour_runs([]) == ([], [])
+
+
+def test_study_box_is_the_union_of_the_kept_slices():
+    import sample
+    shape = (100, 80, 30)  # RAS; axial slices are 100 wide (x reversed) and 80 high (y reversed)
+    answers = {10: [20, 30, 40, 50], 11: [18.4, 32, 41, 49], 13: [25, 28.6, 38, 52], 20: [0, 0, 99, 79]}
+    box = sample.study_box(answers, [10, 11, 13], "axial", shape)
+    assert box == [100 - 41, 80 - 52, 10, 100 - 18, 80 - 29, 14]
 
 
 def test_wrong_image_count_is_a_clear_error(trained, demo):
@@ -343,3 +376,83 @@ def test_bad_inputs_give_one_clear_line_and_keep_checkpoints(trained, demo, tmp_
         if keep:
             after = {p: p.read_bytes() for p in sorted((keep / "ckpt").iterdir())}
             assert after == before, f"{name}: the checkpoint in {keep} changed"
+
+
+def make_study(folder, shape=(48, 40, 16), mods=("t2f", "t1c"), seed=0):
+    """A synthetic study folder <case>-{t2f,t1c,seg}.nii.gz, stored as BraTS stores it (x and y flipped
+    against RAS): brain on slices 1..14 (0 and 15 show nothing), a bright tumour on slices 5..10."""
+    from test_prepare import write_nifti
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    X, Y, Z = shape
+    x, y, z = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    brain = ((x - X / 2) / (0.42 * X)) ** 2 + ((y - Y / 2) / (0.45 * Y)) ** 2 < 1
+    brain &= (z >= 1) & (z <= Z - 2)
+    tumour = brain & (np.abs(x - 30) <= 5) & (np.abs(y - 24) <= 4) & (z >= 5) & (z <= 10)
+    for k, m in enumerate(mods):
+        v = np.where(brain, rng.normal(100, 8, shape) + 20 * np.sin(x / 3 + k), 0) + (150 + 50 * k) * tumour
+        write_nifti(folder / f"{folder.name}-{m}.nii.gz", v.astype(np.float32)[::-1, ::-1].copy())
+    write_nifti(folder / f"{folder.name}-seg.nii.gz", tumour.astype(np.uint8)[::-1, ::-1].copy())
+    return [X - 36, Y - 29, 5, X - 25, Y - 20, 11]  # the tumour's box in the file's voxels (edges)
+
+
+def test_whole_study_end_to_end(tmp_path):
+    """Convert a study with negatives, overfit a tiny model on its slices, answer the whole volume:
+    its slices get the answers that the converted slices get (same pixels), the 3-D box finds the
+    tumour, the picture is drawn; bad volumes give one line naming the file."""
+    src = tmp_path / "src"
+    case = src / "BraTS-VOL-00000-000"
+    truth = make_study(case)
+    run("prepare.py", "brats", src, tmp_path / "data", "--min-tumor-px", 10, "--negatives", 1, "--val-fraction", 0)
+    rows = Path(tmp_path / "data" / "summary.jsonl").read_text().splitlines()
+    assert len(rows) == 12 and sum(json.loads(r)["box"] == [] for r in rows) == 6
+    summary = tmp_path / "data" / "summary.jsonl"
+    run("train.py", "--data", summary, "--val", summary, "--out", tmp_path / "run", "--max-steps", 300,
+        "--eval-every", 300, "--lr", "3e-3", *TINY)
+    m = last_eval(tmp_path / "run")
+    assert m["sens"] == 1.0 and m["spec"] == 1.0 and m["miou"] >= 0.7
+
+    png = tmp_path / "study.png"
+    r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", case, "--draw", png)
+    *lines, summ = [json.loads(l) for l in r.stdout.splitlines()]
+    assert summ["study"] == str(case) and summ["view"] == "axial" and summ["slices"] == 16 and summ["brain_slices"] == 14
+    assert summ["tumour_slices"] == 6 and summ["slice_range"] == [5, 10] and [l["slice"] for l in lines] == list(range(5, 11))
+    assert summ["dropped_slices"] == [] and summ["bridged_slices"] == []
+    iou = lambda a, b: (np.prod([max(0, min(a[i + 3], b[i + 3]) - max(a[i], b[i])) for i in range(3)])
+                        / (np.prod(np.subtract(a[3:], a[:3])) + np.prod(np.subtract(b[3:], b[:3]))
+                           - np.prod([max(0, min(a[i + 3], b[i + 3]) - max(a[i], b[i])) for i in range(3)])))
+    assert iou(summ["box_voxels"], truth) >= 0.6, (summ["box_voxels"], truth)
+    # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y mirrored
+    x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
+    assert summ["box_mm"] == [-(x1 - 0.5), -(y1 - 0.5), z0 - 0.5, -(x0 - 0.5), -(y0 - 0.5), z1 - 0.5]
+    # each slice is the converter's picture: the volume's answers are the converted rows' answers
+    r = run("sample.py", "--ckpt", tmp_path / "run", "--data", summary)
+    by_slice = {int(json.loads(a)["t2f Axial_path"].split("-")[-1][:3]): json.loads(a) for a in r.stdout.splitlines()}
+    for l in lines:
+        # the file holds x and y reversed against RAS, the radiological picture reverses them again: pixels are voxels
+        (mx, my, nx, ny), = by_slice[l["slice"]]["box"]
+        assert l["p_tumour"] == by_slice[l["slice"]]["p_tumour"]
+        assert l["box_voxels"] == [round(nx), round(ny), l["slice"], round(mx), round(my), l["slice"] + 1]
+    assert all(by_slice[k]["box"] == [] for k in by_slice if not 5 <= k <= 10)
+    with Image.open(png) as im:
+        assert im.size[0] == 4 * 160 and im.size[1] > 2 * 160
+
+    # bad volumes: one line each, naming the file
+    other = tmp_path / "other"
+    other.mkdir()
+    from test_prepare import write_nifti
+    write_nifti(other / "short.nii.gz", np.ones((48, 40, 15), np.float32))
+    write_nifti(other / "4d.nii.gz", np.ones((48, 40, 16, 2), np.float32))
+    (other / "text.nii.gz").write_text("not a volume")
+    (other / "BraTS-X").mkdir()
+    (other / "BraTS-X" / "BraTS-X-t2f.nii.gz").symlink_to(case / f"{case.name}-t2f.nii.gz")
+    t2f = case / f"{case.name}-t2f.nii.gz"
+    for volume, message in [
+            ([other / "BraTS-X"], f"error: {other / 'BraTS-X'}: no BraTS-X-t1c.nii.gz (the checkpoint reads t2f, t1c)"),
+            ([t2f, other / "short.nii.gz"], f"error: volumes of one study must have one shape, got {t2f.name} (48, 40, 16), "
+                                            "short.nii.gz (48, 40, 15)"),
+            ([t2f, other / "4d.nii.gz"], f"error: {other / '4d.nii.gz'}: a 4-D image; expected one 3-D volume"),
+            ([t2f, other / "text.nii.gz"], f"error: {other / 'text.nii.gz'}: cannot be read as a NIfTI file"),
+            ([t2f], "error: got 1 volumes, but the checkpoint expects 2, one per modality in this order: t2f, t1c")]:
+        r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", *volume, ok=False)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
