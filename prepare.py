@@ -23,6 +23,7 @@ import os
 import re
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def read_volume(path):
     path = Path(path)
     try:
         raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError) as e:  # missing, unreadable, not gzip, truncated
+    except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, not gzip, cut short, corrupt
         raise DataError(f"{path}: cannot be read as a NIfTI file ({e})") from None
     if len(raw) < 352:
         raise DataError(f"{path}: too short for a NIfTI-1 file")
@@ -378,6 +379,8 @@ def read_study(paths, brainmask=None):
     slice is the same picture in training and in answering. The brain is the brain mask when given
     (z-scored data has a nonzero background), else the voxels nonzero in any modality; a volume that
     is nonzero nearly everywhere without a mask is refused (its window would be the background's)."""
+    if not paths:
+        raise DataError("a study needs at least one modality volume")
     read = [read_volume(p) for p in paths]
     vols = [v for v, _ in read]
     if len({v.shape for v in vols}) > 1:
@@ -393,7 +396,7 @@ def read_study(paths, brainmask=None):
             raise DataError(f"{paths[0]}: nonzero in {brain.mean():.0%} of the voxels, so the brain cannot be told from "
                             f"the background (z-scored, or not skull-stripped); give its brain mask (<case>-brainmask.nii.gz)")
     if not brain.any():
-        raise DataError(f"{paths[0]}: every voxel is zero")
+        raise DataError(f"{brainmask or paths[0]}: every voxel is zero")
     return [_window(v, brain) for v in vols], brain, read[0][1]
 
 
@@ -457,6 +460,9 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, v
             log(f"{d.name}: no {d.name}-seg.nii.gz (no tumour labels), skipped")
             continue
         present = [m for m in MODALITIES if m in files]
+        if not present:
+            log(f"{d.name}: none of the modalities {', '.join(MODALITIES)}, skipped")
+            continue
         if mods is None:
             mods = present
             log(f"modalities: {', '.join(mods)}")
@@ -465,10 +471,10 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, v
             continue
         try:
             images, brain, _ = read_study([files[m] for m in mods], files.get("brainmask"))
+            seg = read_nifti(files["seg"]) > 0
         except DataError as e:  # one bad case does not stop the others
             log(f"{d.name}: {e}; skipped")
             continue
-        seg = read_nifti(files["seg"]) > 0
         if seg.shape != brain.shape:
             log(f"{d.name}: seg of shape {seg.shape}, volumes {brain.shape}; skipped")
             continue
@@ -578,8 +584,9 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
 
     modalities: {name: pattern}, e.g. {"t1c": "images/{}.jpg"}; mask_pattern e.g. "masks/{}.png". Rows
     point at the source images (paths relative to out) and hold the box of `mask > 0`, or with
-    min_region_px > 0 one box per connected region of at least that many pixels; "box": [] when the mask
-    is empty. The patient of a row is cases_csv's (key -> patient), else read from the file names
+    min_region_px > 0 one box per connected region of at least that many pixels (a slice whose regions
+    are all smaller is left out: it neither has a box nor shows no tumour); "box": [] when the mask is
+    empty. The patient of a row is cases_csv's (key -> patient), else read from the file names
     (data.case_id), and is written as the row's "case". Returns the number of rows."""
     src, out = Path(src), Path(out)
     first, pattern = next(iter(modalities.items()))
@@ -594,7 +601,7 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
         raise DataError(f"{src}: no file matches the {first} pattern {pattern!r}")
     case_of = read_cases_csv(cases_csv) if cases_csv else None
     out.mkdir(parents=True, exist_ok=True)
-    rows, cases = [], []
+    rows, cases, n_small = [], [], 0
     for key in sorted(found, key=_natural):
         paths = [src / p.replace("{}", key) for p in modalities.values()]
         mask_path = src / mask_pattern.replace("{}", key)
@@ -612,6 +619,9 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
             raise DataError(f"{paths[0]}: its modalities differ in size {sorted(sizes)}")
         mask = read_mask(mask_path, sizes.pop())
         parts = regions(mask, min_region_px) if min_region_px > 0 else ([mask] if mask.any() else [])
+        if mask.any() and not parts:  # tumour, but only regions too small to box: neither a box nor "no tumour"
+            n_small += 1
+            continue
         if case_of is not None:
             if key not in case_of:
                 raise DataError(f"{cases_csv}: no row for slice {key!r}")
@@ -627,7 +637,8 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
     val = write_split(out, rows, cases, val_fraction, seed)
     n_empty = sum(not r["box"] for r in rows)
     log(f"{len(rows)} slices ({n_empty} with an empty mask), {len(set(cases))} patients, "
-        f"{len(val)} for validation -> {out}")
+        f"{len(val)} for validation -> {out}"
+        + (f"; {n_small} slices left out, their mask's regions all under {min_region_px} pixels" if n_small else ""))
     return len(rows)
 
 

@@ -124,10 +124,10 @@ def trained_view(modalities):
 
 
 def tumour_runs(slices, max_gap=MAX_GAP, min_run=MIN_RUN):
-    """Slice indices answered "tumour" -> (kept, dropped), both sorted. Slices at most max_gap + 1 apart
-    join one run (a gap of up to max_gap "no tumour" slices inside a tumour is bridged); the longest run
-    is kept (the first of equals) and so is every other run of at least min_run slices; a shorter run
-    apart from those, such as a lone positive slice far from the tumour, is dropped."""
+    """Slice indices answered "tumour" -> (kept, bridged, dropped), each sorted. Slices at most
+    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them are bridged); the
+    longest run is kept (the first of equals) and so is every other run of at least min_run slices; a
+    shorter run apart from those, such as a lone positive slice far from the tumour, is dropped."""
     runs = []
     for k in sorted(slices):
         if runs and k - runs[-1][-1] <= max_gap + 1:
@@ -135,14 +135,16 @@ def tumour_runs(slices, max_gap=MAX_GAP, min_run=MIN_RUN):
         else:
             runs.append([k])
     longest = max(runs, key=len, default=None)
-    kept = [k for r in runs if r is longest or len(r) >= min_run for k in r]
-    return kept, sorted(set(slices) - set(kept))
+    kept_runs = [r for r in runs if r is longest or len(r) >= min_run]
+    bridged = [k for r in kept_runs for a, b in zip(r, r[1:]) for k in range(a + 1, b)]
+    kept = [k for r in kept_runs for k in r]
+    return kept, bridged, sorted(set(slices) - set(kept))
 
 
 def study_box(answers, kept, view, shape):
     """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices, the
     RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in the
-    slice plane, the first to the last kept slice across it."""
+    slice plane, the first to the last kept slice across it (over any gap between two kept runs too)."""
     boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in kept], dtype=np.float64)
     return [int(round(v)) for v in np.concatenate([boxes[:, :3].min(0), boxes[:, 3:].max(0)])]
 
@@ -165,12 +167,12 @@ def answer_study(model, meta, paths, brainmask, device, pad=False):
     boxes, probs = predict(model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
     answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= 0.5}
-    kept, dropped = tumour_runs(list(answers))
+    kept, bridged, dropped = tumour_runs(list(answers))
     file_axis = grid.axes[axis]
     in_file = lambda ras_box: grid.to_file([int(round(v)) for v in ras_box])
     file_slice = lambda k: in_file(prepare.volume_box([0, 0, 1, 1], view, k, images[0].shape))[file_axis]  # RAS k -> file index
     lines = []
-    for k in sorted(answers):
+    for k in sorted(answers, key=file_slice):  # in the file's slice order
         vox = in_file(prepare.volume_box(answers[k], view, k, images[0].shape))
         lines.append(dict(slice=vox[file_axis], p_tumour=round(p[k], 4), box_voxels=vox, box_mm=grid.to_mm(vox),
                           outlier=k in dropped))
@@ -179,9 +181,8 @@ def answer_study(model, meta, paths, brainmask, device, pad=False):
     if kept:
         box = study_box(answers, kept, view, images[0].shape)
         vox = grid.to_file(box)
-        run = range(kept[0], kept[-1] + 1)
         summary.update(box_voxels=vox, box_mm=grid.to_mm(vox), slice_range=[vox[file_axis], vox[file_axis + 3] - 1],
-                       bridged_slices=sorted(file_slice(k) for k in run if k not in answers),
+                       bridged_slices=sorted(file_slice(k) for k in bridged),
                        dropped_slices=sorted(file_slice(k) for k in dropped))
     else:
         summary.update(box_voxels=None, box_mm=None, answer="no tumour")
@@ -246,6 +247,8 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step, with CUDA graphs on CUDA; pays off over many rows (default: on CUDA with --data)")
     args = p.parse_args(argv)
+    if sum(bool(x) for x in (args.images, args.data, args.volume)) > 1:
+        p.error("give one of --images, --data and --volume")
 
     ckpt = find_checkpoint(args.ckpt)
     model, meta, tokenizer = load(ckpt)

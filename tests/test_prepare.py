@@ -86,7 +86,11 @@ def test_read_nifti_refuses_what_it_cannot_read(tmp_path):
         raw = f.read()
     with gzip.open(tmp_path / "short.nii.gz", "wb") as f:
         f.write(raw[:-10])
+    corrupt = bytearray(gzip.compress(raw))
+    corrupt[30:60] = bytes(30)  # the compressed stream damaged, not cut short
+    (tmp_path / "corrupt.nii.gz").write_bytes(bytes(corrupt))
     for name, message in [("png.nii.gz", "cannot be read as a NIfTI file"), ("text.nii", "too short"),
+                          ("corrupt.nii.gz", "cannot be read as a NIfTI file"),
                           ("4d.nii.gz", "a 4-D image; expected one 3-D volume"), ("short.nii.gz", "truncated"),
                           ("missing.nii.gz", "cannot be read as a NIfTI file")]:
         with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / name}: {message}")):
@@ -294,12 +298,14 @@ def test_masks_boxes_regions_cases_and_split(tmp_path):
 
     # one box per connected region of at least 30 pixels; the csv names the patients
     (src / "cases.csv").write_text("key,patient\np1_2,A\np1_10,B\np2_1,B\n")
+    messages = []
     prepare.convert_masks(src, tmp_path / "out2", mods, "{}_seg.png", cases_csv=src / "cases.csv", min_region_px=30,
-                          log=lambda *a: None)
+                          log=messages.append)
     rows = [json.loads(line) for line in (tmp_path / "out2" / "summary.jsonl").read_text().splitlines()]
-    assert rows[0]["box"] == [[9, 10, 3, 5], [45, 31, 30, 20]]
-    assert rows[2]["box"] == []  # its 4-pixel region is below the size
-    assert [r["case"] for r in rows] == ["A", "B", "B"]
+    assert rows[0]["box"] == [[9, 10, 3, 5], [45, 31, 30, 20]] and rows[1]["box"] == []
+    assert len(rows) == 2  # p2_1's 4-pixel region is below the size: left out, neither a box nor "no tumour"
+    assert "1 slices left out, their mask's regions all under 30 pixels" in messages[-1]
+    assert [r["case"] for r in rows] == ["A", "B"]
 
 
 def test_masks_bad_input_names_the_file(tmp_path):

@@ -143,14 +143,16 @@ def test_rows_without_a_box_train_no_tumour_and_score_presence(trained, demo, tm
 def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
     import sample
     # 10..17 with gaps of 1 (13, 16): one run; 3 and 40 lone, far away: dropped; 25, 26 a pair: dropped
-    kept, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 17, 25, 26])
-    assert kept == [10, 11, 12, 14, 15, 17] and dropped == [3, 25, 26, 40]
-    # a gap of 3 splits; both runs have >= 3 slices, so both stay (a tumour in two parts)
-    assert sample.tumour_runs([1, 2, 3, 7, 8, 9, 10]) == ([1, 2, 3, 7, 8, 9, 10], [])
-    assert sample.tumour_runs([1, 2, 3, 6, 7]) == ([1, 2, 3, 6, 7], [])  # a gap of 2 bridged
-    assert sample.tumour_runs([5]) == ([5], [])  # the only run is the longest, however short
-    assert sample.tumour_runs([1, 2, 9, 10]) == ([1, 2], [9, 10])  # equals: the first
-    assert sample.tumour_runs([]) == ([], [])
+    kept, bridged, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 17, 25, 26])
+    assert kept == [10, 11, 12, 14, 15, 17] and bridged == [13, 16] and dropped == [3, 25, 26, 40]
+    # a gap of 3 splits; both runs have >= 3 slices, so both stay (a tumour in two parts), the gap not bridged
+    assert sample.tumour_runs([1, 2, 3, 7, 8, 9, 10]) == ([1, 2, 3, 7, 8, 9, 10], [], [])
+    assert sample.tumour_runs([1, 2, 3, 6, 7]) == ([1, 2, 3, 6, 7], [4, 5], [])  # a gap of 2 bridged
+    assert sample.tumour_runs([1, 2, 3, 4, 5, 9, 10, 14, 15, 16, 17]) == (
+        [1, 2, 3, 4, 5, 14, 15, 16, 17], [], [9, 10])  # between two kept runs: neither bridged nor kept
+    assert sample.tumour_runs([5]) == ([5], [], [])  # the only run is the longest, however short
+    assert sample.tumour_runs([1, 2, 9, 10]) == ([1, 2], [], [9, 10])  # equals: the first
+    assert sample.tumour_runs([]) == ([], [], [])
 
 
 def test_study_box_is_the_union_of_the_kept_slices():
@@ -456,3 +458,5 @@ def test_whole_study_end_to_end(tmp_path):
             ([t2f], "error: got 1 volumes, but the checkpoint expects 2, one per modality in this order: t2f, t1c")]:
         r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", *volume, ok=False)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+    r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", case, "--data", summary, ok=False)
+    assert r.stderr.strip() == "error: give one of --images, --data and --volume (see --help)"
