@@ -91,8 +91,7 @@ def draw(sample, modalities, pred, path):
 # -----------------------------------------------------------------------------
 # Whole studies: every slice of a NIfTI study, then one 3-D box from the slices' answers
 
-MAX_GAP = 2  # up to this many "no tumour" slices between two tumour slices are bridged (one run)
-MIN_RUN = 3  # a run of fewer tumour slices is dropped as an outlier, unless it is the longest run
+MAX_GAP = 4  # up to this many "no tumour" slices between two tumour slices are bridged (one run)
 
 
 def study_files(volume, modalities, brainmask=None):
@@ -123,28 +122,29 @@ def trained_view(modalities):
     return view
 
 
-def tumour_runs(slices, max_gap=MAX_GAP, min_run=MIN_RUN):
+def tumour_runs(slices, max_gap=MAX_GAP):
     """Slice indices answered "tumour" -> (kept, bridged, dropped), each sorted. Slices at most
-    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them are bridged); the
-    longest run is kept (the first of equals) and so is every other run of at least min_run slices; a
-    shorter run apart from those, such as a lone positive slice far from the tumour, is dropped."""
+    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them, a miss inside the
+    tumour, are bridged); the longest run (the first of equals) is the tumour and is kept; every other
+    run, such as a lone positive slice or a few far from the tumour, is dropped as an outlier. One run:
+    a whole tumour, oedema included, is one stretch of slices; a second focus further than max_gap
+    slices away is dropped with the outliers (see README, Results: what keeping runs of 3 or more
+    slices did on held-out patients)."""
     runs = []
     for k in sorted(slices):
         if runs and k - runs[-1][-1] <= max_gap + 1:
             runs[-1].append(k)
         else:
             runs.append([k])
-    longest = max(runs, key=len, default=None)
-    kept_runs = [r for r in runs if r is longest or len(r) >= min_run]
-    bridged = [k for r in kept_runs for a, b in zip(r, r[1:]) for k in range(a + 1, b)]
-    kept = [k for r in kept_runs for k in r]
+    kept = max(runs, key=len, default=[])
+    bridged = [k for a, b in zip(kept, kept[1:]) for k in range(a + 1, b)]
     return kept, bridged, sorted(set(slices) - set(kept))
 
 
 def study_box(answers, kept, view, shape):
     """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices, the
     RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in the
-    slice plane, the first to the last kept slice across it (over any gap between two kept runs too)."""
+    slice plane, the first to the last kept slice across it."""
     boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in kept], dtype=np.float64)
     return [int(round(v)) for v in np.concatenate([boxes[:, :3].min(0), boxes[:, 3:].max(0)])]
 

@@ -142,14 +142,12 @@ def test_rows_without_a_box_train_no_tumour_and_score_presence(trained, demo, tm
 
 def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
     import sample
-    # 10..17 with gaps of 1 (13, 16): one run; 3 and 40 lone, far away: dropped; 25, 26 a pair: dropped
-    kept, bridged, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 17, 25, 26])
-    assert kept == [10, 11, 12, 14, 15, 17] and bridged == [13, 16] and dropped == [3, 25, 26, 40]
-    # a gap of 3 splits; both runs have >= 3 slices, so both stay (a tumour in two parts), the gap not bridged
-    assert sample.tumour_runs([1, 2, 3, 7, 8, 9, 10]) == ([1, 2, 3, 7, 8, 9, 10], [], [])
-    assert sample.tumour_runs([1, 2, 3, 6, 7]) == ([1, 2, 3, 6, 7], [4, 5], [])  # a gap of 2 bridged
-    assert sample.tumour_runs([1, 2, 3, 4, 5, 9, 10, 14, 15, 16, 17]) == (
-        [1, 2, 3, 4, 5, 14, 15, 16, 17], [], [9, 10])  # between two kept runs: neither bridged nor kept
+    # 10..22 with gaps of 1 (13), 4 (17-20): one run; 3 and 40 lone, far away: dropped; 29, 30 a pair: dropped
+    kept, bridged, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 16, 21, 22, 29, 30])
+    assert kept == [10, 11, 12, 14, 15, 16, 21, 22] and bridged == [13, 17, 18, 19, 20] and dropped == [3, 29, 30, 40]
+    # a gap of 5 splits: the longer part is the tumour, the other dropped, however long
+    assert sample.tumour_runs([1, 2, 3, 9, 10, 11, 12]) == ([9, 10, 11, 12], [], [1, 2, 3])
+    assert sample.tumour_runs([1, 2, 3, 6, 7], max_gap=1) == ([1, 2, 3], [], [6, 7])
     assert sample.tumour_runs([5]) == ([5], [], [])  # the only run is the longest, however short
     assert sample.tumour_runs([1, 2, 9, 10]) == ([1, 2], [], [9, 10])  # equals: the first
     assert sample.tumour_runs([]) == ([], [], [])
