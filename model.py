@@ -385,6 +385,9 @@ def generalized_iou(a, b):
 # MiniGPT: ViT -> Q-Former -> splice into the prompt -> LLaMA
 
 
+# The answer is a box where the tumour probability (MiniGPT.presence) is at least this, else "no tumour".
+PRESENT_AT = 0.5
+
 # Named shapes of from-scratch models, in train.py's flag names: its device recipes start from these and
 # bench.py times them. Only sizes and choices; the FFN and MLP widths follow (swiglu_hidden, 4 x width).
 SHAPES = {
@@ -770,9 +773,9 @@ class MiniGPT(nn.Module):
     @torch.no_grad()
     def answer_boxes(self, images):
         """images (B, N, 3, S, S) -> boxes (B, 4) normalised [x0, y0, x1, y1], p (B,) the probability of
-        a tumour (see presence; the answer is "no tumour" where p < 0.5). The box is the first answered
-        box, read at its bins' centres (tokens), or the box head's output (regress: one prefill, no
-        decoding); it is there for every row, so a caller may still look at it where p < 0.5.
+        a tumour (see presence; the answer is "no tumour" where p < PRESENT_AT). The box is the first
+        answered box, read at its bins' centres (tokens), or the box head's output (regress: one prefill,
+        no decoding); it is there for every row, so a caller may still look at it where p is low.
         With cfg.flip_average, the mean of that box and the mirror image of the box answered for the
         left-right mirrored study, and the mean of both p (one batch of 2B): a model trained with random
         flips answers both."""

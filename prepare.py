@@ -88,8 +88,11 @@ def mask_box(mask):
     return data.box_to_output([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], "corners")
 
 
-def _save_gray(u8, path):
-    Image.fromarray(u8, mode="L").save(path, quality=95)
+def gray_jpeg(u8):
+    """A grey uint8 image (H, W) -> JPEG file bytes, quality 95: every slice picture this file writes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(u8), mode="L").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
             row = {}
             for m, img in zip(MODALITIES, _render(rng, lab, size, contrast)):
                 name = f"images/{case}_{j}_{MODALITIES.index(m)}.jpg"
-                _save_gray(img, out_dir / name)
+                (out_dir / name).write_bytes(gray_jpeg(img))
                 row[f"{m} Axial_path"] = name
             row["box"] = [mask_box(whole)]
             rows.append(row)
@@ -407,10 +410,8 @@ def brain_slices(brain, view):
 
 
 def slice_jpeg(volume, view, k):
-    """Slice k of a windowed uint8 volume in a view -> the converter's JPEG file as bytes (quality 95)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(view_slice(volume, view, k)), mode="L").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    """Slice k of a windowed uint8 volume in a view -> the converter's JPEG file as bytes."""
+    return gray_jpeg(view_slice(volume, view, k))
 
 
 def volume_box(box, view, k, shape):

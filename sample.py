@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 import data
 import prepare
-from model import CheckpointError, MiniGPT
+from model import PRESENT_AT, CheckpointError, MiniGPT
 
 
 def find_checkpoint(path):
@@ -58,7 +58,7 @@ def load(ckpt):
 def predict(model, items, load, device, batch_size=32, pad=False):
     """Answer every item in batches of batch_size: load(item) -> its images (N, 3, S, S). -> boxes (M, 4)
     normalised [x0, y0, x1, y1] and p (M,), the probability of a tumour (the answer is "no tumour" where
-    p < 0.5). pad=True fills the last batch up (repeating its last item) so that a compiled decode step
+    p < PRESENT_AT). pad=True fills the last batch up (repeating its last item) so that a compiled decode step
     sees one batch shape only."""
     boxes, probs, dtype = [], [], next(model.parameters()).dtype  # inputs in the weights' dtype (bf16 with --bf16)
     for i in range(0, len(items), batch_size):
@@ -166,11 +166,11 @@ def answer_study(model, meta, paths, brainmask, device, pad=False):
 
     boxes, probs = predict(model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
-    answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= 0.5}
+    answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers))
     file_axis = grid.axes[axis]
     in_file = lambda ras_box: grid.to_file([int(round(v)) for v in ras_box])
-    file_slice = lambda k: in_file(prepare.volume_box([0, 0, 1, 1], view, k, images[0].shape))[file_axis]  # RAS k -> file index
+    file_slice = lambda k: grid.to_file([k] * 3 + [k + 1] * 3)[file_axis]  # RAS slice k -> its index in the file
     lines = []
     for k in sorted(answers, key=file_slice):  # in the file's slice order
         vox = in_file(prepare.volume_box(answers[k], view, k, images[0].shape))
@@ -301,7 +301,7 @@ def main(argv=None):
 
     read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
     boxes, probs = predict(model, samples, read, args.device, pad=bool(args.compile))
-    preds = [data.to_pixels(b, s.size) if p >= 0.5 else None for b, p, s in zip(boxes, probs, samples)]
+    preds = [data.to_pixels(b, s.size) if p >= PRESENT_AT else None for b, p, s in zip(boxes, probs, samples)]
     lines = []
     for s, pred, p in zip(samples, preds, probs):
         row = {} if args.images else {k: v for k, v in s.row.items() if k.endswith("_path")}

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 import data
 import prepare
-from model import SHAPES, MiniGPT, MiniGPTConfig, shape_parts
+from model import PRESENT_AT, SHAPES, MiniGPT, MiniGPTConfig, shape_parts
 from vision import CheckpointError, ViTConfig
 
 # Recipes: the defaults of every size and schedule knob, per kind of device. A flag given on the
@@ -312,13 +312,13 @@ def cached_vit_tokens(model, images, device, autocast, log, batch_size=64):
 @torch.no_grad()
 def predict(model, images, samples, device, autocast, batch_size=64):
     """-> one answer per sample: pixel [x0, y0, x1, y1] of that sample's own image size, or None for
-    "no tumour" (the model's tumour probability below 0.5)."""
+    "no tumour" (the model's tumour probability below PRESENT_AT)."""
     model.eval()
     with autocast():
         answers = [model.answer_boxes(images[i: i + batch_size].to(device).float()) for i in range(0, len(samples), batch_size)]
     model.train()
     boxes, p = torch.cat([b.float().cpu() for b, _ in answers]), torch.cat([p.float().cpu() for _, p in answers])
-    return [data.to_pixels(b, s.size) if q >= 0.5 else None for b, q, s in zip(boxes, p, samples)]
+    return [data.to_pixels(b, s.size) if q >= PRESENT_AT else None for b, q, s in zip(boxes, p, samples)]
 
 
 def mean_box_preds(train_boxes, train_nbox, samples):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import data
 import prepare
 from model import MiniGPT
+from test_prepare import write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny model: every size flag set, so the CPU recipe's sizes do not apply. A test overrides a flag by
@@ -381,7 +382,6 @@ def test_bad_inputs_give_one_clear_line_and_keep_checkpoints(trained, demo, tmp_
 def make_study(folder, shape=(48, 40, 16), mods=("t2f", "t1c"), seed=0):
     """A synthetic study folder <case>-{t2f,t1c,seg}.nii.gz, stored as BraTS stores it (x and y flipped
     against RAS): brain on slices 1..14 (0 and 15 show nothing), a bright tumour on slices 5..10."""
-    from test_prepare import write_nifti
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     X, Y, Z = shape
@@ -394,6 +394,13 @@ def make_study(folder, shape=(48, 40, 16), mods=("t2f", "t1c"), seed=0):
         write_nifti(folder / f"{folder.name}-{m}.nii.gz", v.astype(np.float32)[::-1, ::-1].copy())
     write_nifti(folder / f"{folder.name}-seg.nii.gz", tumour.astype(np.uint8)[::-1, ::-1].copy())
     return [X - 36, Y - 29, 5, X - 25, Y - 20, 11]  # the tumour's box in the file's voxels (edges)
+
+
+def box3_iou(a, b):
+    """IoU of two 3-D boxes [x0, y0, z0, x1, y1, z1]."""
+    inter = np.prod([max(0, min(a[i + 3], b[i + 3]) - max(a[i], b[i])) for i in range(3)])
+    volume = lambda c: np.prod(np.subtract(c[3:], c[:3]))
+    return inter / (volume(a) + volume(b) - inter)
 
 
 def test_whole_study_end_to_end(tmp_path):
@@ -418,10 +425,7 @@ def test_whole_study_end_to_end(tmp_path):
     assert summ["study"] == str(case) and summ["view"] == "axial" and summ["slices"] == 16 and summ["brain_slices"] == 14
     assert summ["tumour_slices"] == 6 and summ["slice_range"] == [5, 10] and [l["slice"] for l in lines] == list(range(5, 11))
     assert summ["dropped_slices"] == [] and summ["bridged_slices"] == []
-    iou = lambda a, b: (np.prod([max(0, min(a[i + 3], b[i + 3]) - max(a[i], b[i])) for i in range(3)])
-                        / (np.prod(np.subtract(a[3:], a[:3])) + np.prod(np.subtract(b[3:], b[:3]))
-                           - np.prod([max(0, min(a[i + 3], b[i + 3]) - max(a[i], b[i])) for i in range(3)])))
-    assert iou(summ["box_voxels"], truth) >= 0.6, (summ["box_voxels"], truth)
+    assert box3_iou(summ["box_voxels"], truth) >= 0.6, (summ["box_voxels"], truth)
     # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y mirrored
     x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
     assert summ["box_mm"] == [-(x1 - 0.5), -(y1 - 0.5), z0 - 0.5, -(x0 - 0.5), -(y0 - 0.5), z1 - 0.5]
@@ -440,7 +444,6 @@ def test_whole_study_end_to_end(tmp_path):
     # bad volumes: one line each, naming the file
     other = tmp_path / "other"
     other.mkdir()
-    from test_prepare import write_nifti
     write_nifti(other / "short.nii.gz", np.ones((48, 40, 15), np.float32))
     write_nifti(other / "4d.nii.gz", np.ones((48, 40, 16, 2), np.float32))
     (other / "text.nii.gz").write_text("not a volume")
