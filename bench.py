@@ -2,22 +2,28 @@
 Speed of minigpt-mri, and of the same model assembled from Hugging Face `transformers` parts.
 
     python bench.py --shape tiny --peer                 # CPU, well under a minute
-    python bench.py --shape minigpt4-1b --peer          # one GPU: EVA ViT-g + Q-Former + TinyLlama-1.1B, batch 32
-    python bench.py --shape minigpt4-7b --peer          # one GPU: answering latency with a Llama-2-7B-shaped LLM
+    python bench.py --shape minigpt4-1b --peer          # one GPU: EVA ViT-g + Q-Former +
+                                                        # TinyLlama-1.1B, batch 32
+    python bench.py --shape minigpt4-7b --peer          # one GPU: answering latency with a
+                                                        # Llama-2-7B-shaped LLM
 
 Random weights, random images; one JSON line per measurement:
-- {"kind": "peak"}: the matmul rate this device reaches (bf16 8192^3 on CUDA, float32 on CPU), MFU's denominator;
-- {"kind": "train"}: median training step (forward, backward, clip, AdamW) with samples/s, tokens/s, FLOPs
-  per step (MiniGPT.flops_per_sample, ViT and Q-Former included), MFU and peak memory;
-- {"kind": "answer"}: median latency of one query end to end: images on the host in, one box on the host out;
+- {"kind": "peak"}: the matmul rate this device reaches (bf16 8192^3 on CUDA, float32 on CPU),
+  MFU's denominator;
+- {"kind": "train"}: median training step (forward, backward, clip, AdamW) with samples/s,
+  tokens/s, FLOPs per step (MiniGPT.flops_per_sample, ViT and Q-Former included), MFU and peak
+  memory;
+- {"kind": "answer"}: median latency of one query end to end: images on the host in, one box on
+  the host out;
 - {"kind": "ratio"}: the peer's time over ours (above 1: ours is faster).
 
-The peer (--peer) is Blip2VisionModel + query tokens + Blip2QFormerModel + a Linear + LlamaForCausalLM
-(SDPA attention), with the prompt built as MiniGPT-4 does it: query embeddings spliced into inputs_embeds,
-labels -100 except on the answer, `generate` for answers. Both models hold the same weights (ours are loaded
-from the peer's with the checkpoint mapping tables of vision.py and model.py), so both compute the same
-loss and the same boxes: the bench prints both. Both get the same care where it is a setting, not an
-implementation: the frozen ViT in bf16 under no_grad, bf16 autocast, fused AdamW, torch.compile.
+The peer (--peer) is Blip2VisionModel + query tokens + Blip2QFormerModel + a Linear +
+LlamaForCausalLM (SDPA attention), with the prompt built as MiniGPT-4 does it: query embeddings
+spliced into inputs_embeds, labels -100 except on the answer, `generate` for answers. Both models
+hold the same weights (ours are loaded from the peer's with the checkpoint mapping tables of
+vision.py and model.py), so both compute the same loss and the same boxes: the bench prints both.
+Both get the same care where it is a setting, not an implementation: the frozen ViT in bf16 under
+no_grad, bf16 autocast, fused AdamW, torch.compile.
 """
 
 import argparse
@@ -30,44 +36,55 @@ import torch
 import torch.nn as nn
 
 import data
-from model import SHAPES, LLaMAConfig, MiniGPT, MiniGPTConfig, llama_mapping, shape_parts
-from vision import QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped, qformer_mapping, vit_mapping
+from config import PRESETS, Settings
+from model import LLaMAConfig, MiniGPT, MiniGPTConfig, llama_mapping, shape_parts
+from vision import (QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped,
+                    qformer_mapping, vit_mapping)
 
 # -----------------------------------------------------------------------------
 # shapes
 
 NUM_BINS = 64
-N_SPECIALS = len(data.special_tokens(NUM_BINS))  # <box> </box>, 8 image tag pairs, the location tokens
+# <box> </box>, 8 image tag pairs, the location tokens
+N_SPECIALS = len(data.special_tokens(NUM_BINS))
 
 
 def prompt_ids(base_vocab: int, n_slots: int, text_lens: tuple[int, int, int]):
-    """Stand-in prompt ids of a realistic layout (the bench needs lengths, not words): chunk 0 = BOS + text,
-    n_slots - 1 middle chunks, the last ends with <box>. Our specials sit after the base vocabulary, in
-    data.special_tokens order, as data.Tokenizer appends them to a pretrained LLaMA vocabulary."""
+    """Stand-in prompt ids of a realistic layout (the bench needs lengths, not words):
+    chunk 0 = BOS + text, n_slots - 1 middle chunks, the last ends with <box>. Our specials sit
+    after the base vocabulary, in data.special_tokens order, as data.Tokenizer appends them to a
+    pretrained LLaMA vocabulary."""
     first, middle, last = text_lens
     word = lambda i: 3 + i % (base_vocab - 3)  # anything but unk/BOS/EOS
     chunks = [[1] + [word(i) for i in range(first - 1)]]
     chunks += [[word(100 + 7 * k + i) for i in range(middle)] for k in range(n_slots - 1)]
-    chunks += [[word(200 + i) for i in range(last - 1)] + [base_vocab]]  # <box> is the first special
-    return dict(prompt_chunks=chunks, num_bins=NUM_BINS, loc_start=base_vocab + N_SPECIALS - NUM_BINS,
-                box_end_id=base_vocab + 1, eos_id=2, pad_id=2)
+    # <box> is the first special
+    chunks += [[word(200 + i) for i in range(last - 1)] + [base_vocab]]
+    return dict(prompt_chunks=chunks, num_bins=NUM_BINS,
+                loc_start=base_vocab + N_SPECIALS - NUM_BINS, box_end_id=base_vocab + 1,
+                eos_id=2, pad_id=2)
 
 
-EVA_VIT_G = dict(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144)  # BLIP-2 vision_config
-BLIP2_QFORMER = dict(num_query=32, width=768, depth=12, heads=12, mlp_dim=3072, cross_every=2, vision_width=1408)
+# BLIP-2 vision_config
+EVA_VIT_G = dict(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144)
+BLIP2_QFORMER = dict(num_query=32, width=768, depth=12, heads=12, mlp_dim=3072, cross_every=2,
+                     vision_width=1408)
 TINYLLAMA = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048)
-LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, max_seq_len=4096)
-# text around 4 slots of 32 queries: the vicuna template ("###Human: <Img1>...</Img4> where is the tumor?
-# ###Assistant: <box>") is about 36 LLaMA tokens, so prompt 164 + answer 6 - 1 = a sequence of 169
+LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+                 max_seq_len=4096)
+# text around 4 slots of 32 queries: the vicuna template ("###Human: <Img1>...</Img4> where is the
+# tumor? ###Assistant: <box>") is about 36 LLaMA tokens, so prompt 164 + answer 6 - 1 = a sequence
+# of 169
 LLAMA_TEXT = (8, 2, 22)
 
 
 def shape_config(name: str) -> tuple[MiniGPTConfig, int]:
     """-> (config, batch size). ViT frozen (set by build), everything else trained."""
-    if name == "tiny":  # the CPU recipe's sizes (SHAPES["cpu"]) in the layout the transformers peer can
-        # also build: a patch embedding and plain learned queries; a small vocabulary
+    if name == "tiny":  # config.py's tiny preset: the CPU recipe's sizes in the layout the
+        # transformers peer can also build (a patch embedding, plain learned queries); a small
+        # vocabulary
         base, n = 256, 4
-        parts = shape_parts(dict(SHAPES["cpu"], vit_stem="patch", pooled_queries=False), base + N_SPECIALS, max_seq_len=256)
+        parts = shape_parts(Settings(**PRESETS["tiny"]), base + N_SPECIALS, max_seq_len=256)
         parts["llm"].tie_embeddings = False  # a head of its own, as in the 7B shapes
         cfg = MiniGPTConfig(**parts, n_images=n, **prompt_ids(base, n, (4, 2, 8)))
         return cfg, 8
@@ -75,7 +92,8 @@ def shape_config(name: str) -> tuple[MiniGPTConfig, int]:
     if llm is None:
         raise ValueError(f"unknown shape {name!r}; expected one of {SHAPE_NAMES}")
     base, n = 32000, 4
-    cfg = MiniGPTConfig(vit=ViTConfig(**EVA_VIT_G), qformer=QFormerConfig(**BLIP2_QFORMER, out_dim=llm["dim"]),
+    cfg = MiniGPTConfig(vit=ViTConfig(**EVA_VIT_G),
+                        qformer=QFormerConfig(**BLIP2_QFORMER, out_dim=llm["dim"]),
                         llm=LLaMAConfig(vocab_size=base + N_SPECIALS, **llm), n_images=n,
                         **prompt_ids(base, n, LLAMA_TEXT))
     return cfg, 32
@@ -100,20 +118,25 @@ class Peer(nn.Module):
         v, q, l = cfg.vit, cfg.qformer, cfg.llm
         self.cfg = cfg
         self.vision = tf.Blip2VisionModel(tf.Blip2VisionConfig(
-            hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
-            image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.norm_eps, hidden_act="gelu",
-            qkv_bias=True, attn_implementation="sdpa"))
+            hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+            layer_norm_eps=v.norm_eps, hidden_act="gelu", qkv_bias=True,
+            attn_implementation="sdpa"))
         self.query_tokens = nn.Parameter(torch.randn(1, q.num_query, q.width) * 0.02)
+        # ours has no dropout
         self.qformer = tf.Blip2QFormerModel(tf.Blip2QFormerConfig(
-            hidden_size=q.width, num_hidden_layers=q.depth, num_attention_heads=q.heads, intermediate_size=q.mlp_dim,
-            cross_attention_frequency=q.cross_every, encoder_hidden_size=q.vision_width, layer_norm_eps=q.norm_eps,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa"))  # ours has no dropout
+            hidden_size=q.width, num_hidden_layers=q.depth, num_attention_heads=q.heads,
+            intermediate_size=q.mlp_dim, cross_attention_frequency=q.cross_every,
+            encoder_hidden_size=q.vision_width, layer_norm_eps=q.norm_eps, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, attn_implementation="sdpa"))
         self.language_projection = nn.Linear(q.width, l.dim)
         self.llm = tf.LlamaForCausalLM(tf.LlamaConfig(
-            vocab_size=l.vocab_size, hidden_size=l.dim, intermediate_size=l.hidden_dim, num_hidden_layers=l.n_layers,
-            num_attention_heads=l.n_heads, num_key_value_heads=l.n_kv_heads, rms_norm_eps=l.norm_eps,
-            rope_theta=l.rope_theta, max_position_embeddings=l.max_seq_len, tie_word_embeddings=l.tie_embeddings,
-            bos_token_id=1, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, attn_implementation="sdpa"))
+            vocab_size=l.vocab_size, hidden_size=l.dim, intermediate_size=l.hidden_dim,
+            num_hidden_layers=l.n_layers, num_attention_heads=l.n_heads,
+            num_key_value_heads=l.n_kv_heads, rms_norm_eps=l.norm_eps, rope_theta=l.rope_theta,
+            max_position_embeddings=l.max_seq_len, tie_word_embeddings=l.tie_embeddings,
+            bos_token_id=1, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+            attn_implementation="sdpa"))
         self.register_buffer("prompt", torch.tensor(cfg.prompt_ids), persistent=False)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
 
@@ -121,7 +144,8 @@ class Peer(nn.Module):
         B, N = images.shape[:2]
         with torch.no_grad():  # the frozen ViT
             dtype = self.vision.embeddings.patch_embedding.weight.dtype
-            img = self.vision(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state  # (B*N, T, W)
+            # (B*N, T, W)
+            img = self.vision(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
         img = img.to(self.query_tokens.dtype)
         query = self.qformer(query_embeds=self.query_tokens.expand(img.shape[0], -1, -1),
                              encoder_hidden_states=img).last_hidden_state
@@ -138,12 +162,15 @@ class Peer(nn.Module):
     def forward(self, images, answer, answer_mask):
         x = self.inputs_embeds(images, answer)
         P = x.shape[1] - answer.shape[1]
-        labels = torch.cat([answer.new_full((answer.shape[0], P), -100), answer.masked_fill(~answer_mask, -100)], 1)
-        return self.llm(inputs_embeds=x, labels=labels).loss  # transformers shifts the labels itself
+        labels = torch.cat([answer.new_full((answer.shape[0], P), -100),
+                            answer.masked_fill(~answer_mask, -100)], 1)
+        # transformers shifts the labels itself
+        return self.llm(inputs_embeds=x, labels=labels).loss
 
     @torch.no_grad()
     def generate(self, images):
-        """Greedy, location tokens only (4 per box: the grammar of a one-box answer) -> (B, 4) bins."""
+        """Greedy, location tokens only (4 per box: the grammar of a one-box answer) ->
+        (B, 4) bins."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
         c = self.cfg
@@ -155,14 +182,16 @@ class Peer(nn.Module):
                 return scores + allowed
 
         n = 4 * c.max_boxes
-        out = self.llm.generate(inputs_embeds=self.inputs_embeds(images), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, logits_processor=LogitsProcessorList([LocationsOnly()]),
+        out = self.llm.generate(inputs_embeds=self.inputs_embeds(images), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False,
+                                logits_processor=LogitsProcessorList([LocationsOnly()]),
                                 pad_token_id=c.pad_id)
         return out[:, -n:] - c.loc_start
 
 
 def ours_from_peer(peer: Peer, device) -> MiniGPT:
-    """Our model holding the peer's weights, through the mapping tables the checkpoint loaders use."""
+    """Our model holding the peer's weights, through the mapping tables the checkpoint loaders
+    use."""
     cfg = peer.cfg
     with torch.device("meta"):
         model = MiniGPT(cfg)
@@ -172,11 +201,14 @@ def ours_from_peer(peer: Peer, device) -> MiniGPT:
     load_mapped(model.vit, peer.vision.state_dict(), vit_map, vit_tf, source="peer vision")
     q_map, _ = qformer_mapping(cfg.qformer)
     q_map |= {"proj.weight": "language_projection.weight", "proj.bias": "language_projection.bias"}
-    tensors = {"qformer." + k: t for k, t in peer.qformer.state_dict().items() if not _ignored("qformer." + k, QFORMER_IGNORE)}
-    tensors |= {"query_tokens": peer.query_tokens.data, "language_projection.weight": peer.language_projection.weight.data,
+    tensors = {"qformer." + k: t for k, t in peer.qformer.state_dict().items()
+               if not _ignored("qformer." + k, QFORMER_IGNORE)}
+    tensors |= {"query_tokens": peer.query_tokens.data,
+                "language_projection.weight": peer.language_projection.weight.data,
                 "language_projection.bias": peer.language_projection.bias.data}
     load_mapped(model.qformer, tensors, q_map, source="peer qformer")
-    load_mapped(model.llm, peer.llm.state_dict(), llama_mapping(cfg.llm.n_layers), source="peer llm")
+    load_mapped(model.llm, peer.llm.state_dict(), llama_mapping(cfg.llm.n_layers),
+                source="peer llm")
     return model
 
 
@@ -192,7 +224,8 @@ def sync(device):
 def peak_flops(device) -> float:
     """FLOP/s of a large matmul in the dtype training runs its matmuls in: the MFU denominator."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     times = []
     for i in range(13):
         sync(device)
@@ -204,8 +237,8 @@ def peak_flops(device) -> float:
 
 
 def peak_memory(device) -> int:
-    """Bytes: CUDA's allocator peak since the last reset; on CPU the process's resident high-water mark
-    (ru_maxrss, KiB on Linux), which never goes down: it covers everything run before too."""
+    """Bytes: CUDA's allocator peak since the last reset; on CPU the process's resident high-water
+    mark (ru_maxrss, KiB on Linux), which never goes down: it covers everything run before too."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -218,13 +251,14 @@ def random_batch(cfg: MiniGPTConfig, B: int, device, seed=0):
     images = torch.randn(B, cfg.n_images, 3, S, S, generator=g)
     corners = torch.rand(B, cfg.max_boxes, 2, 2, generator=g).sort(dim=2).values  # x0 < x1, y0 < y1
     boxes = corners.transpose(2, 3).reshape(B, cfg.max_boxes, 4)
-    answer, mask = data.answer_tokens(boxes, torch.ones(B, dtype=torch.long), cfg.num_bins, cfg.loc_start,
-                                      cfg.box_end_id, cfg.eos_id, cfg.pad_id)
+    answer, mask = data.answer_tokens(boxes, torch.ones(B, dtype=torch.long), cfg.num_bins,
+                                      cfg.loc_start, cfg.box_end_id, cfg.eos_id, cfg.pad_id)
     return images.to(device), answer.to(device), mask.to(device)
 
 
 def make_train_step(model, device, bf16: bool, compile: bool):
-    """One training step as train.py takes it: autocast forward, backward, clip at 1.0, fused AdamW."""
+    """One training step as train.py takes it: autocast forward, backward, clip at 1.0, fused
+    AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -232,10 +266,13 @@ def make_train_step(model, device, bf16: bool, compile: bool):
         optimizer = torch.optim.AdamW(params, lr=1e-5)
     forward = torch.compile(model) if compile else model
 
-    def step(images, answer, mask, tokens=None):  # tokens: cached ViT output instead of images (ours only)
-        optimizer.zero_grad(set_to_none=True)  # first, so the gradients stay readable after the step
+    # feats: cached ViT output instead of images (ours only)
+    def step(images, answer, mask, feats=None):
+        # first, so the gradients stay readable after the step
+        optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(images, answer, mask) if tokens is None else forward(None, answer, mask, None, tokens)
+            loss = (forward(images, answer, mask) if feats is None
+                    else forward(None, answer, mask, None, feats))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -263,7 +300,8 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
         sync(device)
         t = time.perf_counter()
         bins = generate(image.to(device)).cpu()
-        box = data.bins_to_box(bins[0, :4].tolist(), cfg.vit.image_size, cfg.vit.image_size, cfg.num_bins)
+        box = data.bins_to_box(bins[0, :4].tolist(), cfg.vit.image_size, cfg.vit.image_size,
+                               cfg.num_bins)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times, box, bins
@@ -273,23 +311,32 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=SHAPE_NAMES, default="tiny", help="model shape with random weights (default tiny)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPE_NAMES, default="tiny",
+                   help="model shape with random weights (default tiny)")
     p.add_argument("--peer", action="store_true",
-                   help="also build the same model from transformers parts and measure it in this run, with ratios")
-    p.add_argument("--steps", type=int, help="timed training steps (default: 10 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default: 2 on CPU, 5 on CUDA)")
+                   help="also build the same model from transformers parts and measure it in this "
+                        "run, with ratios")
+    p.add_argument("--steps", type=int,
+                   help="timed training steps (default: 10 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps first, compilation included (default: 2 on CPU, 5 on CUDA)")
     p.add_argument("--answers", type=int, help="timed answers (default: 20 on CPU, 50 on CUDA)")
-    p.add_argument("--batch-size", type=int, help="training samples per step (default: the shape's, 8 tiny, 32 large)")
+    p.add_argument("--batch-size", type=int,
+                   help="training samples per step (default: the shape's, 8 tiny, 32 large)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step and our decode step; with --peer the peer is timed both "
-                        "eager and compiled (default: on CUDA)")
+                   help="torch.compile the training step and our decode step; with --peer the peer "
+                        "is timed both eager and compiled (default: on CUDA)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training, frozen ViT and answering weights in bf16 (default: on CUDA)")
+                   help="bf16 autocast for training, frozen ViT and answering weights in bf16 "
+                        "(default: on CUDA)")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
-                   help="time training steps (default: on, except minigpt4-7b, whose full fp32 AdamW state alone is ~110 GB)")
-    p.add_argument("--answer", action=argparse.BooleanOptionalAction, default=True, help="time answering (default on)")
+                   help="time training steps (default: on, except minigpt4-7b, whose full fp32 "
+                        "AdamW state alone is ~110 GB)")
+    p.add_argument("--answer", action=argparse.BooleanOptionalAction, default=True,
+                   help="time answering (default on)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -322,7 +369,8 @@ def main(argv=None, out=print) -> list[dict]:
             import transformers  # noqa: F401
             peer_ok = True
         except ImportError:
-            emit(kind="peer-skipped", reason="transformers is not installed (pip install transformers -c requirements.txt)")
+            emit(kind="peer-skipped", reason="transformers is not installed "
+                                             "(pip install transformers -c requirements.txt)")
     if args.shape != "tiny" and device.type == "cpu":
         with torch.device("meta"):  # the shapes build; FLOPs need no weights
             model, peer = MiniGPT(cfg), Peer(cfg) if peer_ok else None
@@ -330,7 +378,8 @@ def main(argv=None, out=print) -> list[dict]:
         params = {"params_ours": sum(p.numel() for p in model.parameters())}
         if peer_ok:
             params["params_peer"] = sum(p.numel() for p in peer.parameters())
-        emit(kind="skipped", shape=args.shape, device=str(device), **params, flops_per_step=B * model.flops_per_sample(),
+        emit(kind="skipped", shape=args.shape, device=str(device), **params,
+             flops_per_step=B * model.flops_per_sample(),
              reason=f"{args.shape} is for a GPU; on CPU it is only built on the meta device")
         return records
 
@@ -354,8 +403,9 @@ def main(argv=None, out=print) -> list[dict]:
     flops = B * model.flops_per_sample()
     emit(kind="peak", device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32",
          tflops=round(peak / 1e12, 4), threads=torch.get_num_threads())
-    emit(kind="shape", shape=args.shape, batch_size=B, images_per_sample=cfg.n_images, image_size=cfg.vit.image_size,
-         seq_len=seq, flops_per_step=flops, **{f"params_{k}": sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+    emit(kind="shape", shape=args.shape, batch_size=B, images_per_sample=cfg.n_images,
+         image_size=cfg.vit.image_size, seq_len=seq, flops_per_step=flops,
+         **{f"params_{k}": sum(p.numel() for p in m.parameters()) for k, m in models.items()},
          trained_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     batch = random_batch(cfg, B, device)
@@ -380,23 +430,30 @@ def main(argv=None, out=print) -> list[dict]:
             times, box, bins = time_answer(m.generate, image, cfg, device, args.answers, warmup=3)
             answers[name] = (statistics.median(times), bins)
             emit(kind="answer", impl=name, compiled=name == "ours" and args.compile,
-                 latency_ms=round(1e3 * statistics.median(times), 3), min_ms=round(1e3 * min(times), 3),
-                 new_tokens=4 * cfg.max_boxes, box=[round(v, 1) for v in box],
+                 latency_ms=round(1e3 * statistics.median(times), 3),
+                 min_ms=round(1e3 * min(times), 3), new_tokens=4 * cfg.max_boxes,
+                 box=[round(v, 1) for v in box],
                  peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
         if "peer" in answers:
-            emit(kind="ratio", what="answer latency", peer_over_ours=round(answers["peer"][0] / answers["ours"][0], 3),
-                 same_boxes=torch.equal(answers["peer"][1], answers["ours"][1].view_as(answers["peer"][1])))
+            emit(kind="ratio", what="answer latency",
+                 peer_over_ours=round(answers["peer"][0] / answers["ours"][0], 3),
+                 same_boxes=torch.equal(answers["peer"][1],
+                                        answers["ours"][1].view_as(answers["peer"][1])))
     results = {}
     if args.train:
-        for m in models.values():  # back from answering: fp32 weights (bf16-rounded alike), the frozen ViT in bf16
+        # back from answering: fp32 weights (bf16-rounded alike), the frozen ViT in bf16
+        for m in models.values():
             m.float().train()
         if args.bf16:
             model.vit.to(torch.bfloat16)
             if peer_ok:
                 peer.vision.to(torch.bfloat16)
-        variants = [("ours", args.compile)] + ([("peer", False)] + ([("peer", True)] if args.compile else []) if peer_ok else [])
+        variants = [("ours", args.compile)] + ([("peer", False)]
+                                               + ([("peer", True)] if args.compile else [])
+                                               if peer_ok else [])
         for name, compiled in variants:
-            for other in models.values():  # only the measured model on the device, for its memory peak
+            # only the measured model on the device, for its memory peak
+            for other in models.values():
                 other.to(device if other is models[name] else "cpu")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -406,24 +463,29 @@ def main(argv=None, out=print) -> list[dict]:
             times = time_train(step, batch, device, args.steps, args.warmup)
             t = statistics.median(times)
             results[(name, compiled)] = t
-            emit(kind="train", impl=name, compiled=compiled, step_s=round(t, 5), samples_per_s=round(B / t, 2),
-                 tokens_per_s=round(B * seq / t, 1), flops_per_step=flops, mfu=round(flops / t / peak, 4),
-                 peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1), warmup_and_steps_s=round(time.perf_counter() - t0, 2))
+            emit(kind="train", impl=name, compiled=compiled, step_s=round(t, 5),
+                 samples_per_s=round(B / t, 2), tokens_per_s=round(B * seq / t, 1),
+                 flops_per_step=flops, mfu=round(flops / t / peak, 4),
+                 peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1),
+                 warmup_and_steps_s=round(time.perf_counter() - t0, 2))
             del step
-        # train.py --cache-features: the frozen ViT's output computed once per image; less work per step, so
-        # reported apart (no MFU: the FLOPs above include the ViT)
+        # train.py --cache-features: the frozen ViT's output computed once per image; less work per
+        # step, so reported apart (no MFU: the FLOPs above include the ViT)
         model.to(device)  # the peer's runs above parked it on the host
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            tokens = model.vit_tokens(batch[0])
+            feats = model.vit_features(batch[0])
         step = make_train_step(model, device, args.bf16, args.compile)
-        t = statistics.median(time_train(step, (None, batch[1], batch[2], tokens), device, args.steps, args.warmup))
-        emit(kind="train", impl="ours", compiled=args.compile, cached_vit_features=True, step_s=round(t, 5),
-             samples_per_s=round(B / t, 2), peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
-        del step, tokens
+        t = statistics.median(time_train(step, (None, batch[1], batch[2], feats), device,
+                                         args.steps, args.warmup))
+        emit(kind="train", impl="ours", compiled=args.compile, cached_vit_features=True,
+             step_s=round(t, 5), samples_per_s=round(B / t, 2),
+             peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
+        del step, feats
         ours = results[("ours", args.compile)]
         for compiled in ([False, True] if args.compile else [False]):
             if ("peer", compiled) in results:
-                emit(kind="ratio", what="train step", peer_compiled=compiled, ours_compiled=args.compile,
+                emit(kind="ratio", what="train step", peer_compiled=compiled,
+                     ours_compiled=args.compile,
                      peer_over_ours=round(results[("peer", compiled)] / ours, 3))
 
     return records

@@ -1,12 +1,12 @@
 """
 The run-time data contract, between files on disk and tensors: summary.jsonl, images, boxes, the
-prompt and answer text, the tokenizer, batches and the patient split. train.py and sample.py read data
-through this file; prepare.py makes the summary.jsonl files it reads.
+prompt and answer text, the tokenizer, batches and the patient split. train.py and sample.py read
+data through this file; prepare.py makes the summary.jsonl files it reads.
 
 Read top to bottom: the data contract (read_summary), images, boxes as location bins, the tokenizer,
 prompt and answer ids, batches and augmentation, the patient split.
 
-This file imports no other project file.
+This file imports only config.py (for DataError).
 """
 import io
 import json
@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from config import DataError  # kept importable as data.DataError
+
 # Normalisation of the CLIP / BLIP-2 (EVA) vision encoders.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 8  # pixels; an image smaller than this on a side is not a scan
-
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message starts with "FILE:LINE: " when a line applies."""
 
 
 # -----------------------------------------------------------------------------
@@ -40,7 +37,7 @@ class DataError(ValueError):
 @dataclass
 class Sample:
     paths: list[str]  # absolute, in modality order
-    boxes: list[list[float]]  # [x0, y0, x1, y1] in pixels of the original image, clipped, x0 < x1, y0 < y1
+    boxes: list[list[float]]  # [x0, y0, x1, y1] in original pixels, clipped, x0 < x1, y0 < y1
     size: tuple[int, int]  # (W, H), shared by all modalities
     line: int  # 1-based line in the jsonl file
     row: dict  # the original JSON object (other keys kept for echoing)
@@ -50,16 +47,22 @@ class Sample:
 def read_summary(path, box_format="corners", require_boxes=True, check_images=True):
     """Read a summary.jsonl -> (modalities, samples). See README, "Your data".
 
-    Modalities and their order come from the first row's `*_path` keys; a later row may list its keys in
-    any order but must name the same ones. Each image's header is always read (for its size);
-    check_images=True also decodes every image, so a corrupt file stops here and not mid-training.
+    Modalities and their order come from the first row's `*_path` keys; a later row may list its
+    keys in any order but must name the same ones. Each image's header is always read (for its
+    size); check_images=True also decodes every image, so a corrupt file stops here, not
+    mid-training.
     """
     assert box_format in ("corners", "xywh"), box_format
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:  # e.g. an image or a binary file given as --data
+        message = f"{path}: not a text file of JSON lines (not UTF-8 at byte {e.start})"
+        raise DataError(message) from None
     modalities, samples = None, []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line, text in enumerate(lines, 1):
         if not text.strip():
             continue
         where = f"{path}:{line}"
@@ -69,13 +72,13 @@ def read_summary(path, box_format="corners", require_boxes=True, check_images=Tr
             raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        keys = [k for k in row if k.endswith("_path")]
-        if not keys:
+        names = [k[: -len("_path")] for k in row if k.endswith("_path")]
+        if not names:
             raise DataError(f"{where}: no image keys (keys ending in '_path')")
         if modalities is None:
-            modalities = [k[: -len("_path")] for k in keys]
-        elif sorted(k[: -len("_path")] for k in keys) != sorted(modalities):
-            raise DataError(f"{where}: modalities {[k[:-5] for k in keys]} differ from the first row's {modalities}")
+            modalities = names
+        elif sorted(names) != sorted(modalities):
+            raise DataError(f"{where}: modalities {names} differ from the first row's {modalities}")
         paths, sizes = [], []
         for m in modalities:
             value = row[m + "_path"]
@@ -102,11 +105,13 @@ def read_summary(path, box_format="corners", require_boxes=True, check_images=Tr
 
 
 def sample_from_images(paths):
-    """The images of one study given on a command line -> a Sample without boxes (errors name the file)."""
+    """The images of one study given on a command line -> a Sample without boxes; errors name the
+    file."""
     paths = [Path(p).resolve() for p in paths]
     sizes = [_image_size(p, str(p), "image", True) for p in paths]
     if len(set(sizes)) > 1:
-        raise DataError("images of one study must have one size, got " + ", ".join(f"{p.name} {w}x{h}" for p, (w, h) in zip(paths, sizes)))
+        got = ", ".join(f"{p.name} {w}x{h}" for p, (w, h) in zip(paths, sizes))
+        raise DataError(f"images of one study must have one size, got {got}")
     return Sample([str(p) for p in paths], [], sizes[0], 0, {}, case_id(*paths))
 
 
@@ -120,7 +125,7 @@ def _image_size(p, where, key, decode):
             size = im.size
     except Exception as e:  # pillow raises several types for bad files
         raise DataError(f"{where}: '{key}' cannot be read as an image: {p} ({e})") from None
-    if decode and min(size) < MIN_IMAGE_SIDE:  # decode: the images are to be read as pixels, not just listed
+    if decode and min(size) < MIN_IMAGE_SIDE:  # to be read as pixels, not just listed
         raise DataError(f"{where}: '{key}' image of {size[0]}x{size[1]} pixels is too small "
                         f"(at least {MIN_IMAGE_SIDE} per side): {p}")
     return size
@@ -145,7 +150,8 @@ def _parse_boxes(value, box_format, W, H, where):
             y0, y1 = sorted((b[1], b[3]))
         if not (x1 > x0 and y1 > y0):
             raise DataError(f"{where}: 'box' entry {b!r} has zero (or negative) width or height")
-        c = [max(0.0, float(x0)), max(0.0, float(y0)), min(float(W), float(x1)), min(float(H), float(y1))]
+        c = [max(0.0, float(x0)), max(0.0, float(y0)),
+             min(float(W), float(x1)), min(float(H), float(y1))]
         if not (c[2] > c[0] and c[3] > c[1]):
             raise DataError(f"{where}: 'box' entry {b!r} lies entirely outside the {W}x{H} image")
         boxes.append(c)
@@ -157,9 +163,17 @@ def _is_number(v):
 
 
 def box_to_output(box_xyxy, box_format):
-    """[x0, y0, x1, y1] -> the file's format: corners [maxx, maxy, minx, miny] (the blog's order) or [x, y, w, h]."""
-    x0, y0, x1, y1 = box_xyxy
-    return [x1, y1, x0, y0] if box_format == "corners" else [x0, y0, x1 - x0, y1 - y0]
+    """[x0, y0, x1, y1] -> the file's format: corners [maxx, maxy, minx, miny] (the blog's order) or
+    [x, y, w, h]. Rounded to 0.1 px, finer than any answer is sure of (a location bin is a few
+    pixels); Python ints (the converters' pixel edges) stay ints."""
+    x0, y0, x1, y1 = (_round_px(v) for v in box_xyxy)
+    if box_format == "corners":
+        return [x1, y1, x0, y0]
+    return [x0, y0, _round_px(x1 - x0), _round_px(y1 - y0)]
+
+
+def _round_px(v):
+    return v if isinstance(v, int) else round(float(v), 1)  # float(): numpy and torch scalars too
 
 
 # -----------------------------------------------------------------------------
@@ -176,27 +190,31 @@ def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
     except Exception as e:
         raise DataError(f"{path}: cannot be read as an image ({e})") from None
     if im.mode == "F":  # high bit depth, already in [0, 1]: grey -> three equal channels
-        x = torch.from_numpy(np.clip(np.asarray(im, dtype=np.float32), 0, 1))[None].expand(3, -1, -1)
+        grey = np.clip(np.asarray(im, dtype=np.float32), 0, 1)  # (S, S)
+        x = torch.from_numpy(grey)[None].expand(3, -1, -1)
     else:
-        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (S, S, 3)
+        x = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, S, S)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 
 def to_8bit_range(im, path):
-    """8-bit images (grey, RGB, palette, RGBA, CMYK) as they are, for pillow's RGB conversion; 16- and
-    32-bit grey (modes I;16, I, F: how MRI slices are often exported) -> mode F scaled by the image's own
-    range, min -> 0 and max -> 1. Pillow's RGB conversion would clip those at 255 (a nearly white
-    picture); scaled, a picture saved in 16 bits reads like the same picture in 8 bits. A tiny or empty
-    image is a DataError."""
+    """8-bit images (grey, RGB, palette, RGBA, CMYK) as they are, for pillow's RGB conversion; 16-
+    and 32-bit grey (modes I;16, I, F: how MRI slices are often exported) -> mode F scaled by the
+    image's own range, min -> 0 and max -> 1. Pillow's RGB conversion would clip those at 255 (a
+    nearly white picture); scaled, a picture saved in 16 bits reads like the same picture in 8 bits.
+    A tiny or empty image is a DataError."""
     W, H = im.size
     if min(W, H) < MIN_IMAGE_SIDE:
-        raise DataError(f"{path}: image of {W}x{H} pixels is too small (at least {MIN_IMAGE_SIDE} per side)")
+        raise DataError(f"{path}: image of {W}x{H} pixels is too small "
+                        f"(at least {MIN_IMAGE_SIDE} per side)")
     if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return im
     a = np.asarray(im, dtype=np.float64)
     lo, hi = float(a.min()), float(a.max())
-    return Image.fromarray(((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)).astype(np.float32), mode="F")
+    scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(scaled.astype(np.float32), mode="F")
 
 
 def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
@@ -204,12 +222,12 @@ def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 # -----------------------------------------------------------------------------
-# boxes as location bins (Pix2Seq / PaliGemma style): each coordinate is quantised into `bins` bins of
-# the image's own width or height, so the answer does not depend on the image size or the resize.
+# boxes as location bins (Pix2Seq / PaliGemma style): each coordinate is quantised into `bins` bins
+# of the image's own width or height, so the answer does not depend on the image size or the resize.
 
 def box_to_bins(box_xyxy, W, H, bins):
-    """Pixel box -> [bx0, by0, bx1, by1], each in [0, bins - 1]. The readable one-box twin of the batched
-    quantisation in answer_tokens (training uses that one; the tests hold the two equal)."""
+    """Pixel box -> [bx0, by0, bx1, by1], each in [0, bins - 1]. The readable one-box twin of the
+    batched quantisation in answer_tokens (training uses that one; the tests hold the two equal)."""
     x0, y0, x1, y1 = box_xyxy
     q = lambda v, n: min(max(int(math.floor(v / n * bins)), 0), bins - 1)
     return [q(x0, W), q(y0, H), q(x1, W), q(y1, H)]
@@ -223,8 +241,9 @@ def to_pixels(box, size):
 
 
 def bins_to_box(b, W, H, bins):
-    """Bins -> pixel box at the bin centres (MiniGPT.answer_boxes_once does the same, batched and normalised). Worst-case error per coordinate: W / (2 * bins) in x,
-    H / (2 * bins) in y (a coordinate anywhere in a bin is at most half a bin from its centre)."""
+    """Bins -> pixel box at the bin centres (MiniGPT.answer_boxes_once does the same, batched and
+    normalised). Worst-case error per coordinate: W / (2 * bins) in x, H / (2 * bins) in y (a
+    coordinate anywhere in a bin is at most half a bin from its centre)."""
     x0, x1 = sorted(((b[0] + 0.5) / bins * W, (b[2] + 0.5) / bins * W))
     y0, y1 = sorted(((b[1] + 0.5) / bins * H, (b[3] + 0.5) / bins * H))
     return [x0, y0, x1, y1]
@@ -241,24 +260,25 @@ def box_iou(a, b):
 
 def score_boxes(preds, samples):
     """One answer per sample, a box or None ("no tumour") -> mean IoU and accuracy at IoU >= 0.5 and
-    >= 0.75 over the samples with a true box (each answer scored against its best-matching true box, a
-    "no tumour" answer there scores 0); and, as "sens" and "spec", slice-level presence: the share of
-    samples with a true box answered with a box (sensitivity) and, when some samples have none, the
-    share of those answered "no tumour" (specificity)."""
+    >= 0.75 over the samples with a true box (each answer scored against its best-matching true box,
+    a "no tumour" answer there scores 0); and, as "sens" and "spec", slice-level presence: the share
+    of samples with a true box answered with a box (sensitivity) and, when some samples have none,
+    the share of those answered "no tumour" (specificity)."""
     pos = [(p, s) for p, s in zip(preds, samples) if s.boxes]
     neg = [p for p, s in zip(preds, samples) if not s.boxes]
     ious = [max(box_iou(p, t) for t in s.boxes) if p is not None else 0.0 for p, s in pos]
     n = max(len(ious), 1)
-    out = dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n, acc75=sum(i >= 0.75 for i in ious) / n,
-               sens=sum(p is not None for p, _ in pos) / n)
+    out = dict(miou=sum(ious) / n, acc50=sum(i >= 0.5 for i in ious) / n,
+               acc75=sum(i >= 0.75 for i in ious) / n, sens=sum(p is not None for p, _ in pos) / n)
     if neg:
         out["spec"] = sum(p is None for p in neg) / len(neg)
     return out
 
 
 def score_line(s):
-    """score_boxes' dict -> 'mean IoU 0.612, acc@0.5 0.780, acc@0.75 0.310, presence sens 0.950 spec 0.930',
-    as train.py and sample.py print it (the presence part only when some rows have no true box)."""
+    """score_boxes' dict -> the line train.py and sample.py print,
+    'mean IoU 0.612, acc@0.5 0.780, acc@0.75 0.310, presence sens 0.950 spec 0.930'
+    (the presence part only when some rows have no true box)."""
     line = f"mean IoU {s['miou']:.3f}, acc@0.5 {s['acc50']:.3f}, acc@0.75 {s['acc75']:.3f}"
     return line + (f", presence sens {s['sens']:.3f} spec {s['spec']:.3f}" if "spec" in s else "")
 
@@ -274,13 +294,15 @@ def special_tokens(num_bins, max_images=8):
 
 def _tokenizer_corpus():
     """A small fixed text the from-scratch tokenizer learns its pieces from: the prompt in every
-    template, phrasing variants a user may type, and numbers. Fixed, so training is deterministic."""
-    questions = ["where is the tumor?", "Where is the tumor?", "where is the tumour?", "Where is the lesion?",
-                 "Find the tumor in these MRI slices.", "Give the bounding box of the tumor.",
-                 "Is there a tumor in this brain MRI slice?", "Locate the enhancing tumor and the edema."]
-    words = ("brain MRI axial coronal sagittal slice FLAIR T1 T2 contrast image images box tumor tumour "
-             "glioma edema oedema necrosis enhancing core whole left right upper lower the a an in of on at "
-             "is are this these there where which what patient case scan modality").split()
+    template, phrasing variants a user may type, and numbers. Fixed: training is deterministic."""
+    questions = ["where is the tumor?", "Where is the tumor?", "where is the tumour?",
+                 "Where is the lesion?", "Find the tumor in these MRI slices.",
+                 "Give the bounding box of the tumor.", "Is there a tumor in this brain MRI slice?",
+                 "Locate the enhancing tumor and the edema."]
+    words = ("brain MRI axial coronal sagittal slice FLAIR T1 T2 contrast image images box tumor "
+             "tumour glioma edema oedema necrosis enhancing core whole left right upper lower "
+             "the a an in of on at is are this these there where which what patient case scan "
+             "modality").split()
     lines = []
     for q in questions:
         lines += [q, f"###Human: {q} ###Assistant: ", f"[INST] {q} [/INST] ", f"</Img1> {q} <box>"]
@@ -293,11 +315,11 @@ def _tokenizer_corpus():
 class Tokenizer:
     """A sentencepiece model plus our special tokens (each one id, never split).
 
-    Two ways in: `Tokenizer.train(path)` trains a small model from scratch whose user_defined_symbols
-    are our specials; `Tokenizer(path)` on a pretrained LLaMA tokenizer.model (which lacks them)
-    appends them after its vocabulary (ids sp.get_piece_size() + i), and the LLM's embedding grows to
-    match. Either way encode() cuts the text at special tokens and encodes the pieces between them
-    separately, so both kinds of model tokenize our prompts the same way.
+    Two ways in: `Tokenizer.train(path)` trains a small model from scratch whose
+    user_defined_symbols are our specials; `Tokenizer(path)` on a pretrained LLaMA tokenizer.model
+    (which lacks them) appends them after its vocabulary (ids sp.get_piece_size() + i), and the
+    LLM's embedding grows to match. Either way encode() cuts the text at special tokens and encodes
+    the pieces between them separately, so both kinds of model tokenize our prompts the same way.
     pad_id: the model's pad piece if it has one (our trained models do), else eos_id (LLaMA has no
     pad); padding is never a target (the answer mask is False there), so any valid id would do.
     """
@@ -317,8 +339,9 @@ class Tokenizer:
             ids = list(range(n, n + len(specials)))
         else:
             missing = [t for i, t in zip(present, specials) if i is None]
-            raise DataError(f"{model_path}: has some of our special tokens but not {missing[:3]}... "
-                            f"(trained with other num_bins/max_images than {num_bins}/{max_images}?)")
+            raise DataError(
+                f"{model_path}: has some of our special tokens but not {missing[:3]}... (trained "
+                f"with other num_bins/max_images than {num_bins}/{max_images}?)")
         self.special_ids = dict(zip(specials, ids))
         self.special_tokens = {i: t for t, i in self.special_ids.items()}
         self.vocab_size = max(n, max(ids) + 1)
@@ -332,15 +355,17 @@ class Tokenizer:
 
     @classmethod
     def train(cls, model_path, num_bins=64, max_images=8):
-        """Train a small BPE model from scratch (deterministic: fixed corpus, one thread, no sampling)
-        with byte fallback (any text encodes), digits split, and our specials as single pieces."""
+        """Train a small BPE model from scratch, deterministically (fixed corpus, one thread, no
+        sampling), with byte fallback (any text encodes), digits split, specials single pieces."""
         specials = special_tokens(num_bins, max_images)
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(_tokenizer_corpus()), model_writer=model, model_type="bpe",
-            vocab_size=4 + len(specials) + 256 + 160, hard_vocab_limit=False,  # 4 = unk bos eos pad; 256 bytes
-            user_defined_symbols=specials, byte_fallback=True, split_digits=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,  # like LLaMA: text round-trips
+            vocab_size=4 + len(specials) + 256 + 160,  # 4 = unk bos eos pad; 256 bytes
+            hard_vocab_limit=False, user_defined_symbols=specials, byte_fallback=True,
+            split_digits=True, character_coverage=1.0,
+            # like LLaMA: text round-trips
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, shuffle_input_sentence=False,
             input_sentence_size=0, minloglevel=2)
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
@@ -376,23 +401,26 @@ class Tokenizer:
 
 QUESTION = "where is the tumor?"
 # The question part only; "<box>" follows the template so that it directly precedes the answer.
-TEMPLATES = {"plain": "{prompt}", "vicuna": "###Human: {prompt} ###Assistant: ", "llama2": "[INST] {prompt} [/INST] "}
+TEMPLATES = {"plain": "{prompt}", "vicuna": "###Human: {prompt} ###Assistant: ",
+             "llama2": "[INST] {prompt} [/INST] "}
 
 
 def prompt_text(n_slots, template="plain"):
-    """<Img1><ImageHere></Img1>...<ImgN><ImageHere></ImgN> where is the tumor? <box>, in the template."""
-    question = "".join(f"<Img{i}><ImageHere></Img{i}>" for i in range(1, n_slots + 1)) + " " + QUESTION
-    text = TEMPLATES[template].format(prompt=question)
+    """The prompt in the template:
+    <Img1><ImageHere></Img1>...<ImgN><ImageHere></ImgN> where is the tumor? <box>"""
+    images = "".join(f"<Img{i}><ImageHere></Img{i}>" for i in range(1, n_slots + 1))
+    text = TEMPLATES[template].format(prompt=images + " " + QUESTION)
     return text + ("" if text.endswith(" ") else " ") + "<box>"
 
 
 def prompt_chunks(tokenizer, n_slots, template="plain"):
-    """The prompt cut at <ImageHere> into n_slots + 1 chunks of ids, each encoded separately, so image
-    embeddings go exactly between them. Chunk 0 starts with BOS; the last chunk ends with <box>."""
+    """The prompt cut at <ImageHere> into n_slots + 1 chunks of ids, each encoded separately, so
+    image embeddings go exactly between them. Chunk 0 starts with BOS, the last ends with <box>."""
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
     if not 1 <= n_slots <= tokenizer.max_images:
-        raise DataError(f"{n_slots} image slots, but the tokenizer has image tags for 1..{tokenizer.max_images}")
+        raise DataError(f"{n_slots} image slots, but the tokenizer has image tags for "
+                        f"1..{tokenizer.max_images}")
     parts = prompt_text(n_slots, template).split("<ImageHere>")
     chunks = [tokenizer.encode(p) for p in parts]
     chunks[0] = [tokenizer.bos_id] + chunks[0]
@@ -411,8 +439,8 @@ def answer_ids(tokenizer, boxes_bins):
 
 
 def parse_answer(tokenizer, ids):
-    """Answer ids -> groups of 4 bins, to read an answer by hand (generate returns bins directly). Stops
-    at </box> or EOS; other tokens are skipped; a trailing partial group is dropped."""
+    """Answer ids -> groups of 4 bins, to read an answer by hand (generate returns bins directly).
+    Stops at </box> or EOS; other tokens are skipped; a trailing partial group is dropped."""
     bins = []
     for i in ids:
         i = int(i)
@@ -427,15 +455,17 @@ def parse_answer(tokenizer, ids):
 # batches
 
 def load_tensors(samples, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD):
-    """Read every image once -> images (M, N, 3, S, S) float16 (half the memory; exact enough for pixels
-    normalised to a few units), boxes (M, K, 4) normalised [x0, y0, x1, y1] with K = max_boxes, largest
-    first (a row with more boxes keeps the largest), and nbox (M,) the real boxes per row. A batch is then
-    an index into these tensors, and its answer tokens are made by answer_tokens after augmentation."""
+    """Read every image once -> images (M, N, 3, S, S) float16 (half the memory; exact enough for
+    pixels normalised to a few units), boxes (M, K, 4) normalised [x0, y0, x1, y1] with
+    K = max_boxes, largest first (a row with more boxes keeps the largest), and nbox (M,) the real
+    boxes per row. A batch is then an index into these tensors, and its answer tokens are made by
+    answer_tokens after augmentation."""
     images = torch.stack([load_images(s, image_size, mean, std).half() for s in samples])
     boxes = torch.zeros(len(samples), max_boxes, 4)
     nbox = torch.zeros(len(samples), dtype=torch.long)
     for i, s in enumerate(samples):
-        kept = sorted(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)[:max_boxes]
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+        kept = sorted(s.boxes, key=area, reverse=True)[:max_boxes]
         W, H = s.size
         for j, (x0, y0, x1, y1) in enumerate(kept):
             boxes[i, j] = torch.tensor([x0 / W, y0 / H, x1 / W, y1 / H])
@@ -445,23 +475,24 @@ def load_tensors(samples, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD):
 
 def answer_tokens(boxes, nbox, num_bins, loc_start, box_end_id, eos_id, pad_id):
     """The batched, on-device answer_ids: boxes (B, K, 4) normalised, nbox (B,) ->
-    answer (B, 4K + 2) = locations of the first nbox boxes, </box>, EOS, then pad_id; and answer_mask
-    (B, 4K + 2), True on the real answer tokens. Fixed shapes, so the model sees one graph."""
+    answer (B, 4K + 2) = locations of the first nbox boxes, </box>, EOS, then pad_id; and
+    answer_mask (B, 4K + 2), True on the real answer tokens. Fixed shapes, for one graph."""
     B, K, _ = boxes.shape
     bins = (boxes * num_bins).floor().clamp(0, num_bins - 1).long()
-    j = torch.arange(4 * K + 2, device=boxes.device).expand(B, -1)        # (B, L) position in the answer
-    n = 4 * nbox.view(B, 1)                                               # where </box> goes
-    locs = torch.cat([loc_start + bins.view(B, 4 * K), torch.zeros_like(j[:, :2])], 1)
-    answer = torch.where(j < n, locs, torch.where(j == n, box_end_id, torch.where(j == n + 1, eos_id, pad_id)))
+    j = torch.arange(4 * K + 2, device=boxes.device).expand(B, -1)  # (B, L) position in the answer
+    n = 4 * nbox.view(B, 1)  # where </box> goes
+    locs = torch.cat([loc_start + bins.view(B, 4 * K), torch.zeros_like(j[:, :2])], 1)  # (B, L)
+    end = torch.where(j == n, box_end_id, torch.where(j == n + 1, eos_id, pad_id))  # </box>, EOS
+    answer = torch.where(j < n, locs, end)
     return answer, j <= n + 1
 
 
 @dataclass
 class Augment:
-    """Random augmentation of a batch that moves the boxes with the pixels. Each study gets one geometric
-    transform shared by its modalities (they are co-registered) and an intensity jitter per modality.
-    All randomness comes from `generator`, so a resumed run sees the same batches."""
-    flip: float = 0.5          # probability of a left-right mirror (a tumour is as likely in either hemisphere)
+    """Random augmentation of a batch that moves the boxes with the pixels. Each study gets one
+    geometric transform shared by its modalities (they are co-registered) and an intensity jitter
+    per modality. All randomness comes from `generator`, so a resumed run sees the same batches."""
+    flip: float = 0.5          # chance of a left-right mirror: tumours occur in both hemispheres
     scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale]
     translate: float = 0.1     # shift, as a share of the image side
     rotate: float = 5.0        # degrees in [-rotate, rotate]; the new box encloses the rotated one
@@ -471,8 +502,8 @@ class Augment:
 
     def scaled(self, k: float) -> "Augment":
         """Every range times k (the flip probability stays)."""
-        return Augment(self.flip, *(k * getattr(self, f) for f in
-                                    ("scale", "translate", "rotate", "contrast", "brightness", "noise")))
+        ranges = ("scale", "translate", "rotate", "contrast", "brightness", "noise")
+        return Augment(self.flip, *(k * getattr(self, f) for f in ranges))
 
     def __call__(self, images, boxes, generator=None):
         """images (B, N, C, S, S), boxes (B, K, 4) normalised -> both transformed, same shapes."""
@@ -483,26 +514,29 @@ class Augment:
         zoom = 1 + (rand(B) * 2 - 1) * self.scale
         mirror = torch.where(rand(B) < self.flip, -1.0, 1.0)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        A = torch.stack([torch.stack([cos * mirror, -sin], -1), torch.stack([sin * mirror, cos], -1)], -2)  # (B, 2, 2)
-        t = (rand(B, 2) * 2 - 1) * 2 * self.translate                                                         # (B, 2)
-        grid = F.affine_grid(torch.cat([A, t[:, :, None]], 2), (B, N * C, S, S), align_corners=False)
+        rows = [torch.stack([cos * mirror, -sin], -1), torch.stack([sin * mirror, cos], -1)]
+        A = torch.stack(rows, -2)  # (B, 2, 2)
+        t = (rand(B, 2) * 2 - 1) * 2 * self.translate  # (B, 2)
+        theta = torch.cat([A, t[:, :, None]], 2)  # (B, 2, 3)
+        grid = F.affine_grid(theta, (B, N * C, S, S), align_corners=False)
         x = F.grid_sample(images.reshape(B, N * C, S, S).float(), grid, mode="bilinear",
                           padding_mode="border", align_corners=False).view(B, N, C, S, S)
         gain = 1 + (rand(B, N, 1, 1, 1) * 2 - 1) * self.contrast
         offset = (rand(B, N, 1, 1, 1) * 2 - 1) * self.brightness
         x = x * gain + offset + torch.randn(x.shape, generator=generator).to(x.device) * self.noise
-        # Boxes: an input corner p maps to the output point u = A^-1 (p - t); the new box encloses the four.
-        p = boxes * 2 - 1                                                                          # (B, K, 4)
-        corners = torch.stack([p[..., [0, 1]], p[..., [2, 1]], p[..., [0, 3]], p[..., [2, 3]]], -2)  # (B, K, 4, 2)
+        # Boxes: an input corner p maps to the output point u = A^-1 (p - t); the new box encloses
+        # the four corners.
+        p = boxes * 2 - 1  # (B, K, 4)
+        corners = torch.stack([p[..., [0, 2, 0, 2]], p[..., [1, 1, 3, 3]]], -1)  # (B, K, 4, 2)
         u = torch.einsum("bij,bkcj->bkci", torch.linalg.inv(A), corners - t[:, None, None, :])
         return x, ((torch.cat([u.amin(-2), u.amax(-2)], -1) + 1) / 2).clamp(0, 1)
 
 
 def batch_indices(step, batch_size, n, seed, rank=0, world=1):
-    """The sample indices (batch_size,) of one process at one step. All processes together walk one stream
-    of samples, epoch after epoch, each epoch a permutation of the n samples drawn from (seed, epoch);
-    at each step process `rank` takes its own batch_size of them. A fixed function of the step, so a
-    resumed run sees the same data."""
+    """The sample indices (batch_size,) of one process at one step. All processes together walk one
+    stream of samples, epoch after epoch, each epoch a permutation of the n samples drawn from
+    (seed, epoch); at each step process `rank` takes its own batch_size of them. A fixed function of
+    the step, so a resumed run sees the same data."""
     first = (step * world + rank) * batch_size  # this process's place in the stream of all samples
     pos = torch.arange(first, first + batch_size)
     epoch, k = pos.div(n, rounding_mode="floor"), pos % n
@@ -511,31 +545,34 @@ def batch_indices(step, batch_size, n, seed, rank=0, world=1):
     return torch.stack([perms[e][i] for e, i in zip(epoch.tolist(), k.tolist())])
 
 
-# Seeds derived from the run's seed: far apart, so that no two (seed, epoch) or (seed, step) pairs of
-# realistic runs share one.
+# Seeds derived from the run's seed: far apart, so that no two (seed, epoch) or (seed, step) pairs
+# of realistic runs share one.
 EPOCH_STRIDE = 100_003
 STEP_STRIDE = 1_000_003
 
 
 def step_generator(seed, step, rank=0, world=1):
-    """The random stream of one process at one step (augmentation draws from it): different for every
-    step and process, the same whenever the step is run again (resume)."""
+    """The random stream of one process at one step (augmentation draws from it): different for
+    every step and process, the same whenever the step is run again (resume)."""
     return torch.Generator().manual_seed((seed * STEP_STRIDE + step) * world + rank)
 
 
 # -----------------------------------------------------------------------------
-# patients: adjacent slices of one brain nearly repeat each other, so split by patient, never by slice
+# patients: adjacent slices of one brain nearly repeat each other: split by patient, never by slice
 
 _CASE = re.compile(r"^(.+)_\d+(?:-\d+)?_\d+$")
-CASE_KEYS = ("case", "patient", "patient_id", "subject")  # a row key naming the patient wins over its file names
+# a row key naming the patient, which wins over its file names
+CASE_KEYS = ("case", "patient", "patient_id", "subject")
 
 
 def case_id(*paths):
-    """The patient of a row, from its image names: our converter's and the blog's names match _CASE
-    ('BraTS-GLI-00000-000_2_0.jpg' -> 'BraTS-GLI-00000-000', 'BraTS2015-pat0001_1_0-077_3.jpg' ->
-    'BraTS2015-pat0001_1'). Other names: what the row's images share before their modality part,
-    less a trailing slice number ('TCGA_CS_4941_19960909_12_flair.png' + '..._12_t1c.png' ->
-    'TCGA_CS_4941_19960909'); when nothing is left (names like '12_flair.png'), the folder name."""
+    """The patient of a row without a case key (CASE_KEYS; prepare.py's converters always write
+    one), from its image names. The blog's names and ours match _CASE:
+    'BraTS-GLI-00000-000_2_0.jpg' -> 'BraTS-GLI-00000-000',
+    'BraTS2015-pat0001_1_0-077_3.jpg' -> 'BraTS2015-pat0001_1'. Other names: what the row's images
+    share before their modality part, less a trailing slice number
+    ('TCGA_CS_4941_19960909_12_flair.png' + '..._12_t1c.png' -> 'TCGA_CS_4941_19960909'); when
+    nothing is left (names like '12_flair.png'), the folder name."""
     stems = [Path(p).stem for p in paths]
     m = _CASE.match(stems[0])
     if m:

@@ -20,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vision import CheckpointError, QFormer, QFormerConfig, ViT, ViTConfig, load_mapped, load_safetensors, safetensors_index
+from config import CheckpointError
+from vision import (QFormer, QFormerConfig, ViT, ViTConfig, load_mapped, load_safetensors,
+                    safetensors_index)
 
 # -----------------------------------------------------------------------------
 # LLaMA
@@ -32,7 +34,8 @@ class LLaMAConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 8
-    n_kv_heads: int = 4  # grouped-query attention: each kv head serves n_heads // n_kv_heads q heads
+    # grouped-query attention: each kv head serves n_heads // n_kv_heads q heads
+    n_kv_heads: int = 4
     hidden_dim: int = 688  # SwiGLU width
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -41,8 +44,8 @@ class LLaMAConfig:
 
     @staticmethod
     def swiglu_hidden(dim: int, multiple: int = 32) -> int:
-        """The SwiGLU width of a from-scratch LLM: the next multiple of 32 above 8/3 of dim (LLaMA: the
-        parameters of a 4x GELU MLP in three matrices)."""
+        """The SwiGLU width of a from-scratch LLM: the next multiple of 32 above 8/3 of dim (LLaMA:
+        the parameters of a 4x GELU MLP in three matrices)."""
         return int(8 / 3 * dim / multiple + 1) * multiple
 
     @property
@@ -59,14 +62,16 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in float32 (as the reference does), scale in the input dtype
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+                * self.weight)
 
 
 def rope_cos_sin(input_pos, head_dim: int, theta: float):
-    """cos, sin (T, head_dim) for positions input_pos (T,), in the half-split layout:
-    frequency k sits at columns k and k + head_dim/2, which is how Hugging Face stores LLaMA's
-    q/k weights (its conversion script permuted Meta's interleaved pairs), so they load unpermuted."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=input_pos.device).float() / head_dim)
+    """cos, sin (T, head_dim) for positions input_pos (T,), in the half-split layout: frequency k
+    sits at columns k and k + head_dim/2, which is how Hugging Face stores LLaMA's q/k weights (its
+    conversion script permuted Meta's interleaved pairs), so they load unpermuted."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=input_pos.device).float()
+                               / head_dim)
     angles = input_pos.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
     return angles.cos(), angles.sin()
@@ -108,7 +113,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, cache_pos, mask):
-        # cache_pos (T,): where this call's keys and values go in the KV cache; None when not caching
+        # cache_pos (T,): where this call's keys and values go in the KV cache; None when not
+        # caching
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -121,7 +127,8 @@ class Attention(nn.Module):
         # grouped-query: query head h reads kv head h // (n_heads / n_kv_heads), as Hugging Face's
         # repeat_kv, but without copying the keys and values
         gqa = self.n_heads != self.n_kv_heads
-        if mask is None:  # training, or the prefill: its own keys only, causal (flash attention's fast path)
+        # training, or the prefill: its own keys only, causal (flash attention's fast path)
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -182,7 +189,8 @@ class LLaMA(nn.Module):
     def __init__(self, cfg: LLaMAConfig):
         super().__init__()
         self.config = cfg
-        self.grad_checkpoint = False  # activation checkpointing per block while training (large shapes)
+        # activation checkpointing per block while training (large shapes)
+        self.grad_checkpoint = False
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -194,9 +202,9 @@ class LLaMA(nn.Module):
 
     def init_weights(self):
         """From-scratch init (GPT-2 / nanoGPT, width-scaled): N(0, 1/sqrt(dim)) for embeddings and
-        linears, the two projections that write into the residual stream scaled by 1/sqrt(2 * n_layers),
-        norms at 1. GPT-2's fixed 0.02 is ~0.55/sqrt(dim) at 768; at small widths it would shrink the
-        path from the image slots to the answer."""
+        linears, the two projections that write into the residual stream scaled by
+        1/sqrt(2 * n_layers), norms at 1. GPT-2's fixed 0.02 is ~0.55/sqrt(dim) at 768; at small
+        widths it would shrink the path from the image slots to the answer."""
         std = self.config.dim ** -0.5
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -210,27 +218,33 @@ class LLaMA(nn.Module):
         """Allocate (or re-allocate) the static KV cache for `batch` sequences of up to max_len."""
         cfg = self.config
         if max_len > cfg.max_seq_len:
-            raise ValueError(f"sequence of {max_len} tokens exceeds the model's max_seq_len {cfg.max_seq_len}")
+            raise ValueError(f"sequence of {max_len} tokens exceeds the model's max_seq_len "
+                             f"{cfg.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+            layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype,
+                                          device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
 
     def forward(self, x, input_pos, use_cache: bool = False):
-        # x (B, T, dim) embeddings, input_pos (T,) long positions -> (B, T, dim) hidden after final norm
+        # x (B, T, dim) embeddings, input_pos (T,) long positions -> (B, T, dim) hidden after final
+        # norm
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta)  # (T, hd)
         mask, cache_pos = None, input_pos if use_cache else None
         if use_cache:
             assert self.causal_mask is not None, "call setup_cache() first"
-            # A call of several tokens is the prefill, at positions 0..T-1 of an empty cache: plain causal
-            # attention over its own keys (is_causal, no mask over the whole cache). One token: a decode step.
+            # A call of several tokens is the prefill, at positions 0..T-1 of an empty cache: plain
+            # causal attention over its own keys (is_causal, no mask over the whole cache). One
+            # token: a decode step.
             if x.shape[1] == 1:
                 mask = self.causal_mask[None, None, input_pos]  # (1, 1, 1, max_len)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                # keep only each block's input; recompute its inside during backward (memory for compute)
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False)
+                # keep only each block's input; recompute its inside during backward (memory for
+                # compute)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache_pos, mask,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache_pos, mask)
         return self.norm(x)
@@ -293,8 +307,10 @@ class LLaMA(nn.Module):
         mapping = llama_mapping(cfg.n_layers)
         if cfg.tie_embeddings:
             mapping["output.weight"] = None  # the same tensor as tok_embeddings.weight
-        # old Llama-2 exports carry rotary inv_freq buffers; tied exports may carry a copy of the head
-        ignore = lambda k: k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
+        # old Llama-2 exports carry rotary inv_freq buffers; tied exports may carry a copy of the
+        # head
+        ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
+                            or (cfg.tie_embeddings and k == "lm_head.weight"))
         wanted = {k for k in safetensors_index(folder) if not ignore(k)}
         load_mapped(model, load_safetensors(folder, wanted), mapping, source=str(folder))
         return model
@@ -303,16 +319,18 @@ class LLaMA(nn.Module):
 def llama_config_from_hf(path: Path) -> LLaMAConfig:
     """LLaMAConfig from a Hugging Face config.json; refuses anything that is not a plain LLaMA."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found (expected a Hugging Face LLaMA checkpoint folder)")
+        raise CheckpointError(
+            f"{path}: not found (expected a Hugging Face LLaMA checkpoint folder)")
     hf = json.loads(path.read_text())
     arch = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
         raise CheckpointError(
-            f"{path}: model_type {hf.get('model_type')!r}, architectures {arch} is not a LLaMA checkpoint "
-            f"(expected model_type 'llama', LlamaForCausalLM)")
+            f"{path}: model_type {hf.get('model_type')!r}, architectures {arch} "
+            f"is not a LLaMA checkpoint (expected model_type 'llama', LlamaForCausalLM)")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+                 or "default")
     problems = []
     if rope_type != "default":
         problems.append(f"rope scaling {rope_type!r}")
@@ -342,8 +360,8 @@ class LoRALinear(nn.Linear):
     """y = x W^T + (alpha / rank) x A^T B^T (Hu et al. 2021, LoRA). B starts at zero, so training
     starts exactly from the pretrained function; merged() folds the update into one plain Linear."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = False,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
@@ -353,7 +371,8 @@ class LoRALinear(nn.Linear):
     @classmethod
     def wrap(cls, linear: nn.Linear, rank: int, alpha: float) -> "LoRALinear":
         w = linear.weight
-        new = cls(linear.in_features, linear.out_features, rank, alpha, linear.bias is not None, w.device, w.dtype)
+        new = cls(linear.in_features, linear.out_features, rank, alpha, linear.bias is not None,
+                  w.device, w.dtype)
         new.weight, new.bias = linear.weight, linear.bias
         return new
 
@@ -363,7 +382,8 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         w = self.weight
-        out = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
+        out = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=w.device, dtype=w.dtype)
         out.weight.copy_(w + self.scale * (self.lora_b @ self.lora_a))
         if self.bias is not None:
             out.bias.copy_(self.bias)
@@ -372,8 +392,10 @@ class LoRALinear(nn.Linear):
 
 def generalized_iou(a, b):
     """GIoU (Rezatofighi et al. 2019) of boxes (..., 4) [x0, y0, x1, y1]: IoU minus the share of the
-    enclosing box that neither covers; in [-1, 1], and with a gradient even when the boxes do not meet."""
-    a0, a1 = torch.minimum(a[..., :2], a[..., 2:]), torch.maximum(a[..., :2], a[..., 2:])  # a corner order of its own
+    enclosing box that neither covers; in [-1, 1], and with a gradient even when the boxes do not
+    meet."""
+    # a corner order of its own
+    a0, a1 = torch.minimum(a[..., :2], a[..., 2:]), torch.maximum(a[..., :2], a[..., 2:])
     area = lambda lo, hi: (hi - lo).clamp(min=0).prod(-1)
     inter = area(torch.maximum(a0, b[..., :2]), torch.minimum(a1, b[..., 2:]))
     union = area(a0, a1) + area(b[..., :2], b[..., 2:]) - inter
@@ -385,31 +407,23 @@ def generalized_iou(a, b):
 # MiniGPT: ViT -> Q-Former -> splice into the prompt -> LLaMA
 
 
-# The answer is a box where the tumour probability (MiniGPT.presence) is at least this, else "no tumour".
+# The answer is a box where the tumour probability (MiniGPT.presence) is at least this, else "no
+# tumour".
 PRESENT_AT = 0.5
 
-# Named shapes of from-scratch models, in train.py's flag names: its device recipes start from these and
-# bench.py times them. Only sizes and choices; the FFN and MLP widths follow (swiglu_hidden, 4 x width).
-SHAPES = {
-    "cpu": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_stem="cnn",
-                num_query=16, qformer_width=128, qformer_depth=2, qformer_heads=4, cross_every=1, pooled_queries=True,
-                dim=128, n_layers=4, n_heads=4, n_kv_heads=2),
-    "gpu": dict(image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6, vit_stem="cnn",
-                num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6, cross_every=1, pooled_queries=True,
-                dim=512, n_layers=8, n_heads=8, n_kv_heads=4),
-}
-
-
-def shape_parts(s: dict, vocab_size: int, max_seq_len: int = 1024) -> dict:
-    """A shape's sizes (see SHAPES) -> the vit, qformer and llm configs of a from-scratch MiniGPTConfig."""
+def shape_parts(s, vocab_size: int, max_seq_len: int = 1024) -> dict:
+    """A run's sizes (config.Settings, or any object with its Shape fields) -> the vit, qformer and
+    llm configs of a from-scratch MiniGPTConfig. The MLP widths follow: 4 x width, swiglu_hidden."""
     return dict(
-        vit=ViTConfig(image_size=s["image_size"], patch_size=s["patch_size"], width=s["vit_width"], depth=s["vit_depth"],
-                      heads=s["vit_heads"], mlp_dim=4 * s["vit_width"], stem=s["vit_stem"]),
-        qformer=QFormerConfig(num_query=s["num_query"], width=s["qformer_width"], depth=s["qformer_depth"],
-                              heads=s["qformer_heads"], mlp_dim=4 * s["qformer_width"], cross_every=s["cross_every"],
-                              vision_width=s["vit_width"], out_dim=s["dim"], pooled_queries=s["pooled_queries"]),
-        llm=LLaMAConfig(vocab_size=vocab_size, dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
-                        n_kv_heads=s["n_kv_heads"], hidden_dim=LLaMAConfig.swiglu_hidden(s["dim"]),
+        vit=ViTConfig(image_size=s.image_size, patch_size=s.patch_size, width=s.vit_width,
+                      depth=s.vit_depth, heads=s.vit_heads, mlp_dim=4 * s.vit_width,
+                      stem=s.vit_stem),
+        qformer=QFormerConfig(num_query=s.num_query, width=s.qformer_width, depth=s.qformer_depth,
+                              heads=s.qformer_heads, mlp_dim=4 * s.qformer_width,
+                              cross_every=s.cross_every, vision_width=s.vit_width, out_dim=s.dim,
+                              pooled_queries=s.pooled_queries),
+        llm=LLaMAConfig(vocab_size=vocab_size, dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads,
+                        n_kv_heads=s.n_kv_heads, hidden_dim=LLaMAConfig.swiglu_hidden(s.dim),
                         max_seq_len=max_seq_len, tie_embeddings=True),
     )
 
@@ -420,8 +434,10 @@ class MiniGPTConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLaMAConfig = field(default_factory=LLaMAConfig)
     n_images: int = 4  # modalities per sample
-    fusion: str = "per-image"  # "per-image": one slot of Q tokens per image; "early": one slot for the study
-    prompt_chunks: list = field(default_factory=list)  # token ids of the prompt split at <ImageHere>: n_slots + 1 lists
+    # "per-image": one slot of Q tokens per image; "early": one slot for the study
+    fusion: str = "per-image"
+    # token ids of the prompt split at <ImageHere>: n_slots + 1 lists
+    prompt_chunks: list = field(default_factory=list)
     num_bins: int = 64
     loc_start: int = 0  # id of <loc_0>; <loc_k> = loc_start + k
     box_end_id: int = 0
@@ -430,10 +446,14 @@ class MiniGPTConfig:
     max_boxes: int = 1
     lora_rank: int = 0  # 0 = off
     lora_alpha: float = 16.0
-    loc_sigma: float = 0.0  # label smoothing over neighbouring location bins: Gaussian std in bins (0 = one-hot)
-    box_head: str = "tokens"  # "tokens": answer with location tokens; "regress": also an MLP box head at <box>
-    flip_average: bool = False  # answer: average the box with the mirrored box of the mirrored study (train.py: on with flips)
-    patch_loss: float = 0.0  # weight of the auxiliary per-patch "inside the box" loss on the ViT tokens (0 = off)
+    # label smoothing over neighbouring location bins: Gaussian std in bins (0 = one-hot)
+    loc_sigma: float = 0.0
+    # "tokens": answer with location tokens; "regress": also an MLP box head at <box>
+    box_head: str = "tokens"
+    # answer: average the box with the mirrored box of the mirrored study (train.py: on with flips)
+    flip_average: bool = False
+    # weight of the auxiliary per-patch "inside the box" loss on the ViT tokens (0 = off)
+    patch_loss: float = 0.0
 
     @property
     def n_slots(self) -> int:
@@ -458,8 +478,8 @@ class MiniGPTConfig:
 
 class MiniGPT(nn.Module):
     """MiniGPT-4 (Zhu et al. 2023) for boxes: the N modality images of a slice go through the ViT as
-    one batch, the Q-Former turns each image's tokens into Q embeddings of the LLM's width, which sit
-    in fixed slots of a fixed prompt; the LLM answers with location tokens."""
+    one batch, the Q-Former turns each image's tokens into Q embeddings of the LLM's width, which
+    sit in fixed slots of a fixed prompt; the LLM answers with location tokens."""
 
     def __init__(self, cfg: MiniGPTConfig, vit: ViT | None = None, qformer: QFormer | None = None,
                  llm: LLaMA | None = None):
@@ -469,22 +489,29 @@ class MiniGPT(nn.Module):
         if cfg.box_head not in ("tokens", "regress"):
             raise ValueError(f"box_head must be 'tokens' or 'regress', got {cfg.box_head!r}")
         if cfg.fusion == "early" and cfg.qformer.pooled_queries:
-            raise ValueError("pooled queries pool one image's grid; early fusion feeds the Q-Former several images at once")
+            raise ValueError("pooled queries pool one image's grid; early fusion feeds the "
+                             "Q-Former several images at once")
         if len(cfg.prompt_chunks) != cfg.n_slots + 1:
-            raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} image slot(s) "
-                             f"({cfg.fusion} fusion of {cfg.n_images} images) need {cfg.n_slots + 1}")
+            raise ValueError(f"prompt_chunks has {len(cfg.prompt_chunks)} chunks; {cfg.n_slots} "
+                             f"image slot(s) ({cfg.fusion} fusion of {cfg.n_images} images) need "
+                             f"{cfg.n_slots + 1}")
         prompt = cfg.prompt_ids
-        ids = prompt + [cfg.loc_start, cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id, cfg.eos_id, cfg.pad_id]
+        ids = prompt + [cfg.loc_start, cfg.loc_start + cfg.num_bins - 1, cfg.box_end_id, cfg.eos_id,
+                        cfg.pad_id]
         if max(ids) >= cfg.llm.vocab_size or min(ids) < 0:
-            raise ValueError(f"token ids up to {max(ids)} do not fit the LLM's vocabulary of {cfg.llm.vocab_size}")
+            raise ValueError(f"token ids up to {max(ids)} do not fit the LLM's vocabulary of "
+                             f"{cfg.llm.vocab_size}")
         self.cfg = cfg
         self.vit = vit or ViT(cfg.vit)
         self.qformer = qformer or QFormer(cfg.qformer)
         self.llm = llm or LLaMA(cfg.llm)
-        # The original blog's box head: hidden -> hidden/2 -> 4, sigmoid, on the hidden state at <box>.
+        # The original blog's box head: hidden -> hidden/2 -> 4, sigmoid, on the hidden state
+        # at <box>.
         d = cfg.llm.dim
-        self.box_mlp = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 4)) if cfg.box_head == "regress" else None
-        self.patch_head = nn.Linear(cfg.vit.width, 1) if cfg.patch_loss > 0 else None  # see patch_loss_of
+        self.box_mlp = (nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 4))
+                        if cfg.box_head == "regress" else None)
+        # see patch_loss_of
+        self.patch_head = nn.Linear(cfg.vit.width, 1) if cfg.patch_loss > 0 else None
         # the prompt never changes, so each image slot sits at a fixed position (static shapes)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
@@ -493,7 +520,8 @@ class MiniGPT(nn.Module):
         self.prompt_len = sum(self.chunk_sizes) + cfg.n_slots * Q
         answer_len = 4 * cfg.max_boxes + 2  # locs, </box>, EOS
         if self.prompt_len + answer_len > cfg.llm.max_seq_len:
-            raise ValueError(f"prompt ({self.prompt_len}) + answer ({answer_len}) tokens exceed max_seq_len {cfg.llm.max_seq_len}")
+            raise ValueError(f"prompt ({self.prompt_len}) + answer ({answer_len}) tokens exceed "
+                             f"max_seq_len {cfg.llm.max_seq_len}")
         if cfg.lora_rank > 0:
             for layer in self.llm.layers:
                 layer.attn.wq = LoRALinear.wrap(layer.attn.wq, cfg.lora_rank, cfg.lora_alpha)
@@ -513,8 +541,9 @@ class MiniGPT(nn.Module):
         if llm_folder is not None:
             llm = LLaMA.from_pretrained(llm_folder)
             if cfg.llm.vocab_size < llm.config.vocab_size:
-                raise ValueError(f"{llm_folder}: the tokenizer's {cfg.llm.vocab_size} tokens are fewer than the "
-                                 f"checkpoint's vocabulary of {llm.config.vocab_size}")
+                raise ValueError(f"{llm_folder}: the tokenizer's {cfg.llm.vocab_size} tokens are "
+                                 f"fewer than the checkpoint's vocabulary of "
+                                 f"{llm.config.vocab_size}")
             llm.resize_vocab(cfg.llm.vocab_size)
             cfg.llm = llm.config
         cfg.qformer.out_dim = cfg.llm.dim
@@ -522,15 +551,17 @@ class MiniGPT(nn.Module):
             vit = ViT.from_pretrained(vision_folder, image_size=cfg.vit.image_size)
             cfg.vit = vit.cfg
             cfg.qformer.vision_width = cfg.vit.width
-            if json.loads((Path(vision_folder) / "config.json").read_text()).get("model_type") == "blip-2":
+            if (json.loads((Path(vision_folder) / "config.json").read_text()).get("model_type")
+                    == "blip-2"):
                 qformer = QFormer.from_pretrained(vision_folder, out_dim=cfg.llm.dim)
                 cfg.qformer = qformer.cfg
         return cls(cfg, vit, qformer, llm)
 
     def freeze(self, vit: bool = False, qformer: bool = False, llm: bool = False):
-        """Stop training parts. A frozen Q-Former keeps its output Linear `proj` trainable (MiniGPT-4
-        trains only that); a frozen LLM keeps its LoRA adapters and its embedding and head trainable,
-        because the appended location tokens start as copies of the mean row and must learn."""
+        """Stop training parts. A frozen Q-Former keeps its output Linear `proj` trainable
+        (MiniGPT-4 trains only that); a frozen LLM keeps its LoRA adapters and its embedding and
+        head trainable, because the appended location tokens start as copies of the mean row and
+        must learn."""
         self.frozen = dict(vit=vit, qformer=qformer, llm=llm)
         for p in self.vit.parameters():
             p.requires_grad_(not vit)
@@ -542,8 +573,9 @@ class MiniGPT(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True):
-        """nn.Module.train, but a frozen ViT stays in eval mode: the BatchNorm of a conv stem then keeps
-        its statistics, so the ViT really is fixed (and train.py --cache-features stays exact)."""
+        """nn.Module.train, but a frozen ViT stays in eval mode: the BatchNorm of a conv stem then
+        keeps its statistics, so the ViT really is fixed (and train.py --cache-features stays
+        exact)."""
         super().train(mode)
         if self.frozen["vit"]:
             self.vit.eval()
@@ -560,59 +592,67 @@ class MiniGPT(nn.Module):
 
     # ---- the sequence
 
-    def vit_tokens(self, images):
-        """images (B, N, 3, S, S) -> (B, N, T, W): every modality through the ViT as one batch. A frozen
-        ViT runs without autograd and may be held in bf16 (inputs follow its dtype); its output is then
-        a fixed function of the pixels, which train.py --cache-features computes once per image."""
+    def vit_features(self, images):
+        """images (B, N, 3, S, S) -> ViT features (B, N, T, W): every modality through the ViT as
+        one batch. A frozen ViT runs without autograd and may be held in bf16 (inputs follow its
+        dtype); its output is then a fixed function of the pixels, which train.py --cache-features
+        computes once per image."""
         B, N = images.shape[:2]
         if N != self.cfg.n_images:
-            raise ValueError(f"got {N} images per sample, the model was built for {self.cfg.n_images}")
+            raise ValueError(f"got {N} images per sample, the model was built for "
+                             f"{self.cfg.n_images}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen["vit"]):
-            tokens = self.vit(images.flatten(0, 1).to(self.vit.pos_embed.dtype))  # (B*N, T, W)
-        return tokens.view(B, N, *tokens.shape[1:])
+            feats = self.vit(images.flatten(0, 1).to(self.vit.pos_embed.dtype))  # (B*N, T, W)
+        return feats.view(B, N, *feats.shape[1:])
 
-    def encode_images(self, images=None, tokens=None):
-        """images (B, N, 3, S, S), or their ViT tokens (B, N, T, W) from vit_tokens -> (B, n_slots, Q, dim)."""
-        tokens = self.vit_tokens(images) if tokens is None else tokens
-        return self.project_tokens(tokens)
+    def encode_images(self, images=None, feats=None):
+        """images (B, N, 3, S, S), or their ViT features (B, N, T, W) from vit_features ->
+        image embeddings (B, n_slots, Q, dim)."""
+        feats = self.vit_features(images) if feats is None else feats
+        return self.project_features(feats)
 
-    def project_tokens(self, tokens):
-        """ViT tokens (B, N, T, W) -> (B, n_slots, Q, dim) through the Q-Former."""
-        B = tokens.shape[0]
-        tokens = tokens.flatten(0, 1).to(self.qformer.query.dtype)  # (B*N, T, W)
-        if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images' tokens
-            tokens = tokens.reshape(B, -1, tokens.shape[-1])  # (B, N*T, W)
-        img = self.qformer(tokens)  # (B * n_slots, Q, dim)
-        return img.view(B, self.cfg.n_slots, *img.shape[1:])  # (B, n_slots, Q, dim)
+    def project_features(self, feats):
+        """ViT features (B, N, T, W) -> image embeddings (B, n_slots, Q, dim) through the
+        Q-Former."""
+        B = feats.shape[0]
+        feats = feats.flatten(0, 1).to(self.qformer.query.dtype)  # (B*N, T, W)
+        if self.cfg.fusion == "early":  # the blog's variant: one Q-Former pass over all images
+            feats = feats.reshape(B, -1, feats.shape[-1])  # (B, N*T, W)
+        embeds = self.qformer(feats)  # (B * n_slots, Q, dim)
+        return embeds.view(B, self.cfg.n_slots, *embeds.shape[1:])  # (B, n_slots, Q, dim)
 
-    def splice_images(self, img, tail=None):
-        """img (B, n_slots, Q, dim), tail (B, L, dim) or None -> (B, prompt_len [+ L], dim):
-        [text_0, img_1, text_1, ..., img_n, text_n, tail]. A torch.cat of fixed-size pieces, so the
-        slots sit at the same positions in every batch and compiled graphs see static shapes."""
-        B = img.shape[0]
+    def splice_images(self, embeds, tail=None):
+        """embeds (B, n_slots, Q, dim), tail (B, L, dim) or None -> (B, prompt_len [+ L], dim):
+        [text_0, embeds_1, text_1, ..., embeds_n, text_n, tail]. A torch.cat of fixed-size pieces,
+        so the slots sit at the same positions in every batch and compiled graphs see static
+        shapes."""
+        B = embeds.shape[0]
         text = self.llm.tok_embeddings(self.prompt_ids)  # (P_text, dim)
         chunks = text.split(self.chunk_sizes)
         pieces = [chunks[0].expand(B, -1, -1)]
         for k in range(self.cfg.n_slots):
-            pieces += [img[:, k].to(text.dtype), chunks[k + 1].expand(B, -1, -1)]
+            pieces += [embeds[:, k].to(text.dtype), chunks[k + 1].expand(B, -1, -1)]
         if tail is not None:
             pieces.append(tail)
         return torch.cat(pieces, dim=1)
 
-    def forward(self, images, answer, answer_mask, boxes=None, tokens=None):
-        """images (B, N, 3, S, S) (or None with tokens (B, N, T, W), a frozen ViT's cached output),
-        answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over
-        the answer tokens where answer_mask is True. The answer is fed shifted (teacher forcing); logits
-        are computed only at the L positions that predict answer tokens (the head is the costly part).
-        With loc_sigma > 0 a location token's target is a Gaussian over the neighbouring bins, so a
-        near miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0,
-        x1, y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog, averaged over
-        the rows whose answer has a box (a "no tumour" row, `</box>` first, teaches only its tokens)."""
+    def forward(self, images, answer, answer_mask, boxes=None, feats=None):
+        """images (B, N, 3, S, S) (or None with feats (B, N, T, W), a frozen ViT's cached output),
+        answer (B, L) ids, answer_mask (B, L) bool -> mean cross-entropy over the answer tokens
+        where answer_mask is True. The answer is fed shifted (teacher forcing); logits are computed
+        only at the L positions that predict answer tokens (the head is the costly part). With
+        loc_sigma > 0 a location token's target is a Gaussian over the neighbouring bins, so a near
+        miss costs less than a far one. With the regress head, boxes (B, 4) normalised [x0, y0, x1,
+        y1], when given, add L1 + (1 - GIoU) of the head's box, as in the original blog, averaged
+        over the rows whose answer has a box (a "no tumour" row, `</box>` first, teaches only its
+        tokens)."""
         L = answer.shape[1]
-        tokens = self.vit_tokens(images) if tokens is None else tokens  # (B, N, T, W)
-        x = self.splice_images(self.project_tokens(tokens), self.llm.tok_embeddings(answer[:, :-1]))  # (B, P+L-1, dim)
+        feats = self.vit_features(images) if feats is None else feats  # (B, N, T, W)
+        text = self.llm.tok_embeddings(answer[:, :-1])  # (B, L-1, dim)
+        x = self.splice_images(self.project_features(feats), text)  # (B, P+L-1, dim)
         h = self.llm(x, torch.arange(x.shape[1], device=x.device))  # (B, P+L-1, dim)
-        logits = self.llm.logits(h[:, -L:]).float()  # (B, L, V): position P-1+j predicts answer[:, j]
+        # (B, L, V): position P-1+j predicts answer[:, j]
+        logits = self.llm.logits(h[:, -L:]).float()
         targets = answer.masked_fill(~answer_mask, -100)
         if self.cfg.loc_sigma > 0:
             loss = self.smoothed_loss(logits, answer, answer_mask)
@@ -620,37 +660,45 @@ class MiniGPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         if self.box_mlp is not None and boxes is not None:
             pred = self.box_mlp(h[:, -L].float()).sigmoid()  # (B, 4): the hidden state at <box>
-            has = (answer[:, 0] != self.cfg.box_end_id).float()  # (B,) rows with a box ("no tumour" has none)
-            per_row = F.l1_loss(pred, boxes, reduction="none").mean(-1) + 1 - generalized_iou(pred, boxes)
+            # (B,) rows with a box ("no tumour" has none)
+            has = (answer[:, 0] != self.cfg.box_end_id).float()
+            per_row = (F.l1_loss(pred, boxes, reduction="none").mean(-1) + 1
+                       - generalized_iou(pred, boxes))
             loss = loss + (per_row * has).sum() / has.sum().clamp(min=1)
         if self.patch_head is not None and boxes is not None:
-            loss = loss + self.cfg.patch_loss * self.patch_loss_of(tokens, boxes)
+            loss = loss + self.cfg.patch_loss * self.patch_loss_of(feats, boxes)
         return loss
 
-    def patch_loss_of(self, tokens, boxes):
-        """Auxiliary dense loss: every ViT patch token of every modality predicts the share of its patch
-        that the box covers (binary cross-entropy against that share). tokens (B, N, T, W), boxes (B, 4)
-        normalised -> scalar. A box gives 4 numbers per study to learn from, this gives g*g per image and
-        a gradient straight into the ViT, so its tokens learn what a tumour looks like and where it is
-        from the first steps instead of waiting for the answer's gradient through the LLM."""
+    def patch_loss_of(self, feats, boxes):
+        """Auxiliary dense loss: every ViT patch token of every modality predicts the share of its
+        patch that the box covers (binary cross-entropy against that share). feats (B, N, T, W),
+        boxes (B, 4) normalised -> scalar. A box gives 4 numbers per study to learn from, this gives
+        g*g per image and a gradient straight into the ViT, so its tokens learn what a tumour looks
+        like and where it is from the first steps instead of waiting for the answer's gradient
+        through the LLM."""
         g = self.cfg.vit.grid
-        patches = tokens[:, :, -g * g:]  # (B, N, g*g, W): the class token, if any, comes first
+        patches = feats[:, :, -g * g:]  # (B, N, g*g, W): the class token, if any, comes first
         logits = self.patch_head(patches.float()).squeeze(-1)  # (B, N, g*g)
         edges = torch.arange(g + 1, device=boxes.device) / g  # (g+1,) patch borders
-        cover = lambda lo, hi: ((torch.minimum(hi[:, None], edges[None, 1:]) - torch.maximum(lo[:, None], edges[None, :-1]))
-                                .clamp(min=0) * g)  # (B, g) share of each patch column/row inside [lo, hi]
+        # (B, g) share of each patch column/row inside [lo, hi]
+        cover = lambda lo, hi: ((torch.minimum(hi[:, None], edges[None, 1:])
+                                 - torch.maximum(lo[:, None], edges[None, :-1]))
+                                .clamp(min=0) * g)
         x0, y0, x1, y1 = boxes.float().unbind(-1)
-        share = (cover(y0, y1)[:, :, None] * cover(x0, x1)[:, None, :]).flatten(1)  # (B, g*g), rows first
+        # (B, g*g), rows first
+        share = (cover(y0, y1)[:, :, None] * cover(x0, x1)[:, None, :]).flatten(1)
         return F.binary_cross_entropy_with_logits(logits, share[:, None].expand_as(logits))
 
     def smoothed_loss(self, logits, answer, answer_mask):
-        """Cross-entropy against soft targets: a Gaussian of std loc_sigma bins around the true bin for
-        location tokens, one-hot for the others. logits (B, L, V) -> mean over the masked positions."""
+        """Cross-entropy against soft targets: a Gaussian of std loc_sigma bins around the true bin
+        for location tokens, one-hot for the others. logits (B, L, V) -> mean over the masked
+        positions."""
         c = self.cfg
         logp = logits.log_softmax(-1)  # (B, L, V)
         k = answer - c.loc_start  # (B, L): the true bin where the token is a location
         is_loc = (k >= 0) & (k < c.num_bins)
-        k = k.clamp(0, c.num_bins - 1)  # elsewhere unused, but kept finite: 0/0 there would poison the gradient
+        # elsewhere unused, but kept finite: 0/0 there would poison the gradient
+        k = k.clamp(0, c.num_bins - 1)
         bins = torch.arange(c.num_bins, device=answer.device)
         soft = torch.exp(-0.5 * ((bins - k[..., None]) / c.loc_sigma) ** 2)  # (B, L, bins)
         soft = soft / soft.sum(-1, keepdim=True)
@@ -661,44 +709,42 @@ class MiniGPT(nn.Module):
         return (nll * m).sum() / m.sum()
 
     def flops_per_sample(self, train: bool = True) -> int:
-        """FLOPs of one training sample (forward + backward; forward only with train=False), counted by
-        hand for MFU: every matmul and conv at 2 FLOPs per multiply-add, attention over the full square
-        (see LLaMA.attention_flops), elementwise work (norms, pooling) not. Backward costs one forward
-        per operand that needs a gradient: the weights when they train, the input when something before
-        it trains; a frozen part that nothing before it trains runs without autograd. The LLM's head,
-        the Q-Former's proj and the patch head always train (see freeze). Equal to torch's
-        FlopCounterMode (tests), except for LoRA adapters (small) and a frozen Q-Former after a trained
-        ViT (not a setup we use)."""
-        c, v, q = self.cfg, self.cfg.vit, self.cfg.qformer
-        n_img, Q = c.n_images, q.num_query
+        """FLOPs of one training sample (forward + backward; forward only with train=False), counted
+        by hand for MFU: every matmul and conv at 2 FLOPs per multiply-add, attention over the full
+        square (see LLaMA.attention_flops), elementwise work (norms, pooling) not. Backward costs
+        one forward per operand that needs a gradient: the weights when they train, the input when
+        something before it trains; a frozen part that nothing before it trains runs without
+        autograd. The LLM's head, the Q-Former's proj and the patch head always train (see freeze).
+        Equal to torch's FlopCounterMode (tests), except for LoRA adapters (small) and a frozen
+        Q-Former after a trained ViT (not a setup we use)."""
+        c, v = self.cfg, self.cfg.vit
+        n_img = c.n_images
         tokens = v.grid ** 2 + int(v.class_token)  # ViT tokens per image
-        passes, keys = (1, n_img * tokens) if c.fusion == "early" else (n_img, tokens)  # Q-Former passes, tokens each reads
-        n_cross = len(range(0, q.depth, q.cross_every))
+        # Q-Former passes, tokens each reads
+        passes, keys = (1, n_img * tokens) if c.fusion == "early" else (n_img, tokens)
         answer_len = 4 * c.max_boxes + 2
         seq = self.prompt_len + answer_len - 1
         stem = self.vit.stem_flops()  # per image, one entry per conv
-        vit_block = 2 * tokens * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * tokens ** 2 * v.width
-        qf_layer = 2 * Q * (4 * q.width ** 2 + 2 * q.width * q.mlp_dim) + 4 * Q * Q * q.width
-        qf_cross = 2 * Q * 2 * q.width ** 2 + 4 * Q * keys * q.width  # its q and out projections, attention
+        qf = self.qformer.flops(keys)  # one pass, by part
         attn = self.llm.attention_flops(seq)
         forward = dict(  # of one sample, per part
             stem_first=n_img * stem[0], stem_rest=n_img * sum(stem[1:]),
-            vit=n_img * v.depth * vit_block,
+            vit=n_img * self.vit.flops(),
             patch_head=n_img * 2 * v.grid ** 2 * v.width if self.patch_head is not None else 0,
-            qformer=passes * (q.depth * qf_layer + n_cross * qf_cross),
-            kv=passes * n_cross * 2 * keys * 2 * q.vision_width * q.width,  # keys and values of the image tokens
-            pooled=passes * 2 * Q * q.vision_width * q.width if q.pooled_queries else 0,
-            proj=passes * 2 * Q * q.width * q.out_dim,
+            qformer=passes * qf["layers"], kv=passes * qf["kv"], pooled=passes * qf["pooled"],
+            proj=passes * qf["proj"],
             llm=self.llm.flops(seq, 0) - attn, attn=attn, head=self.llm.flops(0, answer_len))
         if not train:
             return sum(forward.values())
         fv, fq, fl = self.frozen["vit"], self.frozen["qformer"], self.frozen["llm"]
-        times = lambda weights, inputs: 1 + int(weights) + int(inputs)  # forward + the backward matmuls
+        # forward + the backward matmuls
+        times = lambda weights, inputs: 1 + int(weights) + int(inputs)
         factor = dict(
-            stem_first=times(not fv, False), stem_rest=times(not fv, not fv), vit=times(not fv, not fv),
-            patch_head=times(True, not fv),
+            stem_first=times(not fv, False), stem_rest=times(not fv, not fv),
+            vit=times(not fv, not fv), patch_head=times(True, not fv),
             qformer=times(True, True) if not fq else times(False, True) if not fv else 1,
-            kv=times(not fq, not fv), pooled=times(not fq, not fv), proj=times(True, not (fq and fv)),
+            kv=times(not fq, not fv), pooled=times(not fq, not fv),
+            proj=times(True, not (fq and fv)),
             llm=times(not fl, True), attn=3, head=3)
         return sum(f * factor[k] for k, f in forward.items())
 
@@ -707,10 +753,11 @@ class MiniGPT(nn.Module):
     def grammar_step(self, logits, t: int, done, min_boxes: int = 1):
         """One greedy step of the box grammar: location tokens in groups of 4, `</box>` only after a
         complete group (and at least min_boxes), at most max_boxes groups. logits (B, V), done (B,)
-        bool -> next token (B,), bin (B,) (-1 once done), done. Between groups the choice is between two
-        branches, ending or starting a box, so `</box>` is weighed against all location tokens together
-        (their logsumexp: see presence), not against the single likeliest one. Branches only on the step t
-        (a Python int), never on tensor values, so there is no host synchronisation per token."""
+        bool -> next token (B,), bin (B,) (-1 once done), done. Between groups the choice is between
+        two branches, ending or starting a box, so `</box>` is weighed against all location tokens
+        together (their logsumexp: see presence), not against the single likeliest one. Branches
+        only on the step t (a Python int), never on tensor values, so there is no host
+        synchronisation per token."""
         cfg = self.cfg
         loc = logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins]  # (B, bins)
         best = loc.argmax(-1)
@@ -720,43 +767,53 @@ class MiniGPT(nn.Module):
         return token, torch.where(done, -1, best), done
 
     def presence(self, logits):
-        """logits (B, V) at `<box>` -> (B,) the probability that the answer starts a box (a tumour) rather
-        than `</box>` (none): the grammar allows only these there, so p = sum of the location tokens'
-        probabilities over that plus `</box>`'s = sigmoid(logsumexp(loc) - logit(</box>))."""
+        """logits (B, V) at `<box>` -> (B,) the probability that the answer starts a box (a tumour)
+        rather than `</box>` (none): the grammar allows only these there, so p = sum of the location
+        tokens' probabilities over that plus `</box>`'s
+        = sigmoid(logsumexp(loc) - logit(</box>))."""
         cfg = self.cfg
         loc = logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins].float()
         return torch.sigmoid(loc.logsumexp(-1) - logits[:, cfg.box_end_id].float())
 
     def decode_step(self, token, input_pos):
         """token (B,), input_pos (1,) -> logits (B, V) of the next token, through the KV cache."""
-        h = self.llm(self.llm.tok_embeddings(token)[:, None], input_pos, use_cache=True)  # (B, 1, dim)
+        # (B, 1, dim)
+        h = self.llm(self.llm.tok_embeddings(token)[:, None], input_pos, use_cache=True)
         return self.llm.logits(h[:, -1])
 
     def compile_decode(self):
-        """Compile decode_step, the one-token step of generate. The static KV cache gives every position
-        the same shapes, so one graph serves the whole answer; on CUDA it is captured as a CUDA graph
-        ("reduce-overhead"): a token costs one graph launch instead of a kernel launch per operation.
-        Compile after moving the model to its device; a new batch size compiles (and captures) once more."""
+        """Compile decode_step, the one-token step of generate. The static KV cache gives every
+        position the same shapes, so one graph serves the whole answer; on CUDA it is captured as a
+        CUDA graph ("reduce-overhead"): a token costs one graph launch instead of a kernel launch
+        per operation. Compile after moving the model to its device; a new batch size compiles (and
+        captures) once more."""
         cuda = next(self.parameters()).device.type == "cuda"
-        self.decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else "default", fullgraph=True)
+        self.decode_step = torch.compile(self.decode_step,
+                                         mode="reduce-overhead" if cuda else "default",
+                                         fullgraph=True)
 
     @torch.no_grad()
     def prefill(self, images):
-        """images (B, N, 3, S, S) -> logits (B, V) of the first answer token, the prompt in the KV cache."""
+        """images (B, N, 3, S, S) -> logits (B, V) of the first answer token, the prompt in the KV
+        cache."""
         x = self.splice_images(self.encode_images(images))  # (B, P, dim)
         B, P, device = x.shape[0], x.shape[1], x.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else x.dtype)
         max_len = P + 4 * self.cfg.max_boxes
         cache = self.llm.layers[0].attn.kv_cache
-        if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_len or cache.k.dtype != dtype:
+        if (cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_len
+                or cache.k.dtype != dtype):
             self.llm.setup_cache(B, max_len, dtype, device)
-        return self.llm.logits(self.llm(x, torch.arange(P, device=device), use_cache=True)[:, -1])  # (B, V)
+        # (B, V)
+        return self.llm.logits(self.llm(x, torch.arange(P, device=device), use_cache=True)[:, -1])
 
     @torch.no_grad()
     def generate(self, images, min_boxes: int = 1, logits=None):
-        """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after max_boxes
-        groups; with min_boxes=0 a row of -1 is the answer "no tumour"). Greedy, KV cache: one prefill of
-        the prompt, then one cached step per token. logits: prefill's output, when already computed."""
+        """images (B, N, 3, S, S) -> (B, 4 * max_boxes) bins; -1 after `</box>` (forced after
+        max_boxes groups; with min_boxes=0 a row of -1 is the answer "no tumour"). Greedy, KV cache:
+        one prefill of the prompt, then one cached step per token. logits: prefill's output, when
+        already computed."""
         logits = self.prefill(images) if logits is None else logits
         B, n, device = logits.shape[0], 4 * self.cfg.max_boxes, logits.device
         out = torch.full((B, n), -1, dtype=torch.long, device=device)
@@ -772,13 +829,13 @@ class MiniGPT(nn.Module):
 
     @torch.no_grad()
     def answer_boxes(self, images):
-        """images (B, N, 3, S, S) -> boxes (B, 4) normalised [x0, y0, x1, y1], p (B,) the probability of
-        a tumour (see presence; the answer is "no tumour" where p < PRESENT_AT). The box is the first
-        answered box, read at its bins' centres (tokens), or the box head's output (regress: one prefill,
-        no decoding); it is there for every row, so a caller may still look at it where p is low.
-        With cfg.flip_average, the mean of that box and the mirror image of the box answered for the
-        left-right mirrored study, and the mean of both p (one batch of 2B): a model trained with random
-        flips answers both."""
+        """images (B, N, 3, S, S) -> boxes (B, 4) normalised [x0, y0, x1, y1], p (B,) the
+        probability of a tumour (see presence; the answer is "no tumour" where p < PRESENT_AT). The
+        box is the first answered box, read at its bins' centres (tokens), or the box head's output
+        (regress: one prefill, no decoding); it is there for every row, so a caller may still look
+        at it where p is low. With cfg.flip_average, the mean of that box and the mirror image of
+        the box answered for the left-right mirrored study, and the mean of both p (one batch of
+        2B): a model trained with random flips answers both."""
         if not self.cfg.flip_average:
             return self.answer_boxes_once(images)
         B = images.shape[0]
@@ -788,17 +845,21 @@ class MiniGPT(nn.Module):
 
     @torch.no_grad()
     def answer_boxes_once(self, images):
-        """answer_boxes without flip averaging: images (B, N, 3, S, S) -> boxes (B, 4) normalised, p (B,)."""
+        """answer_boxes without flip averaging: images (B, N, 3, S, S) -> boxes (B, 4) normalised,
+        p (B,)."""
         if self.box_mlp is not None:
             x = self.splice_images(self.encode_images(images))  # (B, P, dim)
             h = self.llm(x, torch.arange(x.shape[1], device=x.device))[:, -1]  # (B, dim) at <box>
-            b = self.box_mlp(h.to(self.box_mlp[0].weight.dtype)).float().sigmoid()  # (B, 4); bf16 weights too
+            # (B, 4); bf16 weights too
+            b = self.box_mlp(h.to(self.box_mlp[0].weight.dtype)).float().sigmoid()
             p = self.presence(self.llm.logits(h))
         else:
             logits = self.prefill(images)
             p = self.presence(logits)
-            b = (self.generate(images, logits=logits)[:, :4].float() + 0.5) / self.cfg.num_bins  # (B, 4); min_boxes=1: no -1 here
-        return b.view(-1, 2, 2).sort(1).values.view(-1, 4), p  # corners in order: x0 <= x1, y0 <= y1
+            # (B, 4); min_boxes=1: no -1 here
+            b = (self.generate(images, logits=logits)[:, :4].float() + 0.5) / self.cfg.num_bins
+        # corners in order: x0 <= x1, y0 <= y1
+        return b.view(-1, 2, 2).sort(1).values.view(-1, 4), p
 
     # ---- checkpoints
 
@@ -820,19 +881,21 @@ class MiniGPT(nn.Module):
         folder = Path(folder)
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
-                raise CheckpointError(f"{folder / name}: not found (expected a folder written by save_pretrained)")
+                raise CheckpointError(f"{folder / name}: not found "
+                                      f"(expected a folder written by save_pretrained)")
         try:
             d = json.loads((folder / "config.json").read_text())
             d.pop("meta", None)
             cfg = MiniGPTConfig.from_dict(d)
             model = cls(cfg, llm=LLaMA.empty(cfg.llm))
         except Exception as e:  # bad JSON, unknown or missing keys, impossible sizes
-            raise CheckpointError(f"{folder / 'config.json'}: not a MiniGPT config ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{folder / 'config.json'}: not a MiniGPT config "
+                                  f"({type(e).__name__}: {e})") from None
         try:
             load_model(model, str(folder / "model.safetensors"), strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{folder / 'model.safetensors'}: does not match its config.json: "
-                                  f"{' '.join(str(e).split())[:300]}") from None
+            raise CheckpointError(f"{folder / 'model.safetensors'}: does not match its "
+                                  f"config.json: {' '.join(str(e).split())[:300]}") from None
         except Exception as e:  # safetensors' own errors: truncated file, bad header
             raise CheckpointError(f"{folder / 'model.safetensors'}: cannot be read ({e})") from None
         return model

@@ -1,17 +1,17 @@
 """
 Turn datasets into summary.jsonl (the format data.py reads at run time; see README "Your data"):
 
-    python prepare.py demo OUT_DIR [--cases K] [--seed S]                       # synthetic BraTS-like phantoms
-    python prepare.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--negatives R]    # NIfTI case folders
-    python prepare.py masks IMAGES MASKS OUT_DIR [--cases cases.csv]             # image + mask pairs
+    python prepare.py demo OUT_DIR [--cases K] [--seed S]         # synthetic BraTS-like phantoms
+    python prepare.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--negatives R]  # NIfTI cases
+    python prepare.py masks SRC_DIR OUT_DIR [--cases cases.csv]   # image + mask pairs
 
-Read top to bottom: writing jsonl and a contact sheet to check it by eye, the synthetic demo, reading
-NIfTI volumes and studies (read_study, view_slice, slice_jpeg, volume_box: sample.py --volume answers a
-whole study through these, so its slices are the converter's pictures), the BraTS converter, the image +
-mask converter, then the command line. Like nanoGPT's data/*/prepare.py, this runs once per dataset;
-train.py and sample.py only read its output.
+Read top to bottom: writing jsonl and a contact sheet to check it by eye, the synthetic demo,
+reading NIfTI volumes and studies (read_study, view_slice, slice_jpeg, volume_box: sample.py
+--volume answers a whole study through these, so its slices are the converter's pictures), the BraTS
+converter, the image + mask converter, then the command line. Like nanoGPT's data/*/prepare.py, this
+runs once per dataset; train.py and sample.py only read its output.
 
-This file imports data.py only.
+This file imports data.py, and config.py for DataError.
 """
 import argparse
 import csv
@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data
-from data import DataError
+from config import DataError
 
-# BraTS 2023 names: FLAIR, T2, native T1, post-contrast T1. The index is the last number in file names.
+# BraTS 2023 names: FLAIR, T2, native T1, post-contrast T1. The index is the last number in names.
 MODALITIES = ("t2f", "t2w", "t1n", "t1c")
 VIEWS = ("axial", "coronal", "sagittal")  # the index is the middle number in file names
 
@@ -46,8 +46,8 @@ def write_jsonl(path, rows):
 
 
 def write_split(folder, rows, cases, val_fraction, seed):
-    """summary.jsonl (all rows), train.jsonl and val.jsonl (split by patient: cases[i] is row i's) and a
-    contact sheet in folder. Returns the validation cases."""
+    """summary.jsonl (all rows), train.jsonl and val.jsonl (split by patient: cases[i] is row i's)
+    and a contact sheet in folder. Returns the validation cases."""
     val = data.val_cases(cases, val_fraction, seed)
     write_jsonl(folder / "summary.jsonl", rows)
     write_jsonl(folder / "train.jsonl", [r for r, c in zip(rows, cases) if c not in val])
@@ -61,7 +61,8 @@ def write_contact_sheet(jsonl_path, png_path, max_rows=12, tile=128):
     """A PNG grid to check a dataset by eye: one row per sample (evenly spread over the file), one
     column per modality, boxes in red."""
     modalities, samples = data.read_summary(jsonl_path, require_boxes=False, check_images=False)
-    picks = [samples[round(i * (len(samples) - 1) / max(1, max_rows - 1))] for i in range(min(max_rows, len(samples)))]
+    n = min(max_rows, len(samples))
+    picks = [samples[round(i * (len(samples) - 1) / max(1, max_rows - 1))] for i in range(n)]
     head = 14
     sheet = Image.new("RGB", (tile * len(modalities), head + tile * len(picks)))
     draw = ImageDraw.Draw(sheet)
@@ -71,37 +72,40 @@ def write_contact_sheet(jsonl_path, png_path, max_rows=12, tile=128):
         W, H = s.size
         for j, p in enumerate(s.paths):
             with Image.open(p) as im:
-                sheet.paste(im.convert("RGB").resize((tile, tile), Image.BICUBIC), (j * tile, head + i * tile))
+                picture = im.convert("RGB").resize((tile, tile), Image.BICUBIC)
+            left, top = j * tile, head + i * tile
+            sheet.paste(picture, (left, top))
             for b in s.boxes:
                 x0, y0, x1, y1 = b[0] * tile / W, b[1] * tile / H, b[2] * tile / W, b[3] * tile / H
-                draw.rectangle([j * tile + x0, head + i * tile + y0, j * tile + x1 - 1, head + i * tile + y1 - 1],
-                               outline=(255, 0, 0))
+                corners = [left + x0, top + y0, left + x1 - 1, top + y1 - 1]
+                draw.rectangle(corners, outline=(255, 0, 0))
         draw.text((2, head + i * tile + tile - 12), Path(s.paths[0]).stem[:-2], fill=(0, 255, 0))
     sheet.save(png_path)
     return png_path
 
 
 def mask_box(mask):
-    """Tumour mask (H, W) -> the jsonl box that covers its pixels: pixel-edge [x0, y0, x1, y1] written
-    in the summary.jsonl corner order (data.box_to_output)."""
+    """Tumour mask (H, W) -> the jsonl box that covers its pixels: pixel-edge [x0, y0, x1, y1]
+    written in the summary.jsonl corner order (data.box_to_output)."""
     ys, xs = np.nonzero(mask)
-    return data.box_to_output([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], "corners")
+    edges = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    return data.box_to_output(edges, "corners")
 
 
 def gray_jpeg(u8):
-    """A grey uint8 image (H, W) -> JPEG file bytes, quality 95: every slice picture this file writes."""
+    """A grey uint8 image (H, W) -> JPEG bytes, quality 95: every slice picture this file writes."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(u8), mode="L").save(buf, format="JPEG", quality=95)
     return buf.getvalue()
 
 
 # -----------------------------------------------------------------------------
-# demo dataset: synthetic BraTS-like slices from a phantom brain, made with numpy in milliseconds a slice.
+# demo dataset: synthetic BraTS-like slices of a phantom brain, by numpy in milliseconds a slice.
 
-# Tissue classes of the phantom and their relative signal in each modality (t2f, t2w, t1n, t1c):
-# CSF is bright on T2 and dark on FLAIR (fluid suppressed) and T1; white matter is brighter than grey on
-# T1 and darker on T2/FLAIR; oedema is bright on FLAIR and T2; the enhancing rim lights up after contrast
-# (t1c); the necrotic core is dark on T1 and bright on T2.
+# Tissue classes of the phantom and their relative signal in each modality (t2f, t2w, t1n, t1c): CSF
+# is bright on T2 and dark on FLAIR (fluid suppressed) and T1; white matter is brighter than grey on
+# T1 and darker on T2/FLAIR; oedema is bright on FLAIR and T2; the enhancing rim lights up after
+# contrast (t1c); the necrotic core is dark on T1 and bright on T2.
 BACKGROUND, CSF, GM, WM, DEEP_GM, OEDEMA, RIM, NECROSIS = range(8)
 _SIGNAL = np.array([
     [0.00, 0.00, 0.00, 0.00],  # background (skull-stripped)
@@ -119,7 +123,8 @@ def _blur(img, sigma):
     """Gaussian blur by FFT (the images have black borders, so wrap-around does not show)."""
     fy = np.fft.fftfreq(img.shape[0])[:, None]
     fx = np.fft.rfftfreq(img.shape[1])[None, :]
-    return np.fft.irfft2(np.fft.rfft2(img) * np.exp(-2 * np.pi ** 2 * sigma ** 2 * (fx ** 2 + fy ** 2)), s=img.shape)
+    gauss = np.exp(-2 * np.pi ** 2 * sigma ** 2 * (fx ** 2 + fy ** 2))  # its Fourier transform
+    return np.fft.irfft2(np.fft.rfft2(img) * gauss, s=img.shape)
 
 
 def _smooth_noise(rng, S, sigma):
@@ -128,7 +133,7 @@ def _smooth_noise(rng, S, sigma):
 
 
 def _harmonics(rng, kmax, amp):
-    """A random smooth closed outline: radius factor as a function of angle (a 1024-entry table, fast)."""
+    """A random smooth closed outline: radius factor as a function of angle (a 1024-entry table)."""
     k = np.arange(2, kmax + 1)
     a, ph = rng.normal(0, amp, len(k)) / np.sqrt(k - 1), rng.uniform(0, 2 * np.pi, len(k))
     t = np.linspace(-np.pi, np.pi, 1024, endpoint=False)
@@ -137,27 +142,32 @@ def _harmonics(rng, kmax, amp):
 
 
 def _phantom_case(rng, S, n_slices):
-    """One patient: yields labels (S, S) for n_slices axial slices through its tumour (which grows and
-    shrinks from slice to slice, as a spheroid cut at different heights)."""
+    """One patient: yields labels (S, S) for n_slices axial slices through its tumour (which grows
+    and shrinks from slice to slice, as a spheroid cut at different heights)."""
     cx, cy = S / 2 + rng.normal(0, 0.015 * S), S / 2 + rng.normal(0, 0.015 * S)
-    ax, ay = rng.uniform(0.32, 0.37) * S, rng.uniform(0.40, 0.45) * S  # half width, half length (front-back)
+    ax, ay = rng.uniform(0.32, 0.37) * S, rng.uniform(0.40, 0.45) * S  # half width, half length
     tilt = rng.uniform(-0.12, 0.12)
-    outline, depth, twist = _harmonics(rng, 6, 0.03), _harmonics(rng, 9, 0.5), _harmonics(rng, 7, 1.5)
-    gyri_n, gyri_ph, wobble = rng.integers(15, 22), rng.uniform(0, 2 * np.pi), _harmonics(rng, 7, 1.2)
+    outline, depth = _harmonics(rng, 6, 0.03), _harmonics(rng, 9, 0.5)
+    twist = _harmonics(rng, 7, 1.5)
+    gyri_n, gyri_ph = rng.integers(15, 22), rng.uniform(0, 2 * np.pi)
+    wobble = _harmonics(rng, 7, 1.2)
     vent_size = rng.uniform(0.7, 1.4)
-    # tumour: centre in one hemisphere, core radius, oedema reach, necrotic fraction, irregular outlines
+    # tumour: centre in one hemisphere, core radius, oedema reach, necrotic part, irregular outlines
     side = rng.choice([-1, 1])
     tp, tq = side * rng.uniform(0.15, 0.55) * ax, rng.uniform(-0.55, 0.55) * ay
     rt = rng.uniform(0.05, 0.13) * S
     re_ = rt * rng.uniform(1.3, 2.0)
     nec = rng.uniform(0.0, 0.65)
-    t_out, e_out, n_out = _harmonics(rng, 5, 0.12), _harmonics(rng, 7, 0.12), _harmonics(rng, 4, 0.12)
-    e_field, t_field = _smooth_noise(rng, S, S / 14), _smooth_noise(rng, S, S / 20)  # lobulated edges
+    t_out, e_out = _harmonics(rng, 5, 0.12), _harmonics(rng, 7, 0.12)
+    n_out = _harmonics(rng, 4, 0.12)
+    e_field = _smooth_noise(rng, S, S / 14)  # lobulated edges
+    t_field = _smooth_noise(rng, S, S / 20)
     zt, rzt = rng.uniform(-0.25, 0.35), rng.uniform(0.15, 0.3)
     drift = rng.normal(0, 0.08 * S, 2)  # the tumour's centre moves a little from slice to slice
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     c, s_ = np.cos(tilt), np.sin(tilt)
-    p, q = c * (xx - cx) + s_ * (yy - cy), -s_ * (xx - cx) + c * (yy - cy)  # brain frame: p left-right, q front-back
+    # the brain's frame: p left-right, q front-back
+    p, q = c * (xx - cx) + s_ * (yy - cy), -s_ * (xx - cx) + c * (yy - cy)
     th = np.arctan2(q / ay, p / ax)
     r_outline = outline(th) + 0.05 * np.sin(th)  # egg-shaped: narrower in front
     psi0 = gyri_n * th + gyri_ph + wobble(th)
@@ -167,7 +177,7 @@ def _phantom_case(rng, S, n_slices):
         lab = np.full((S, S), WM, np.int64)
         psi = psi0 + twist(th) * (rho - 0.85) * 6  # sulci curve instead of running straight inwards
         fold = np.cos(psi)
-        lab[rho > 0.81 + 0.06 * fold * np.clip(depth(th), 0.3, 1.7)] = GM  # cortex ribbon folded into gyri
+        lab[rho > 0.81 + 0.06 * fold * np.clip(depth(th), 0.3, 1.7)] = GM  # cortex folded in gyri
         lab[(rho > 0.70 + 0.1 * depth(th + 1)) & (fold < -0.95)] = CSF  # sulci
         lab[rho > 0.965] = CSF  # thin CSF around the brain
         lab[(np.abs(p) < 0.04 * S) & (np.abs(q) > 0.3 * ay * sc)] = GM  # medial cortex
@@ -175,12 +185,13 @@ def _phantom_case(rng, S, n_slices):
         v = max(0.0, 1 - (z / 0.5) ** 2) * vent_size
         if v > 0.05:
             for sgn in (-1, 1):  # deep grey nuclei, then the lateral ventricles' butterfly
-                lab[((p - sgn * 0.14 * S) / (0.06 * S)) ** 2 + ((q - 0.03 * S) / (0.1 * S)) ** 2 < min(1, v)] = DEEP_GM
+                ex, ey = (p - sgn * 0.14 * S) / (0.06 * S), (q - 0.03 * S) / (0.1 * S)
+                lab[ex ** 2 + ey ** 2 < min(1, v)] = DEEP_GM
                 wy = 0.2 * S * min(1.0, v) + 1
                 off = sgn * (0.04 * S + 0.05 * S * (q / wy) ** 2)
                 lab[((p - off) / (0.028 * S * v + 0.5)) ** 2 + ((q + 0.02 * S) / wy) ** 2 < 1] = CSF
         brain = rho < 1
-        # tumour at this level: radii shrink towards its top and bottom, outlines irregular and lobulated
+        # tumour at this level: radii shrink towards its top and bottom, outlines are lobulated
         ft = np.sqrt(max(0.0, 1 - ((z - zt) / rzt) ** 2))
         fe = np.sqrt(max(0.0, 1 - ((z - zt) / (1.4 * rzt)) ** 2))
         d = (z - zt) / rzt
@@ -209,9 +220,11 @@ def _render(rng, lab, S, contrast):
         img = np.where(tumour, img * (1 + 0.12 * patches), img)  # tumours are heterogeneous
         img = _blur(img, 0.7)  # partial volume at tissue borders
         a = rng.normal(0, 0.25, 5)
-        img *= np.exp(0.5 * (a[0] * xx + a[1] * yy + a[2] * xx * yy + a[3] * xx ** 2 + a[4] * yy ** 2))  # bias field
+        bias = a[0] * xx + a[1] * yy + a[2] * xx * yy + a[3] * xx ** 2 + a[4] * yy ** 2
+        img *= np.exp(0.5 * bias)  # smooth bias field
         sigma = 0.03
-        img = np.hypot(img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape))  # Rician noise
+        real, imag = img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape)
+        img = np.hypot(real, imag)  # Rician noise: the magnitude of complex Gaussian noise
         img *= inside  # skull-stripped: black outside the brain
         hi = np.percentile(img[brain], 99.5)
         out.append(np.clip(img / hi * 235, 0, 255).astype(np.uint8))
@@ -220,8 +233,8 @@ def _render(rng, lab, S, contrast):
 
 def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
     """Write a synthetic BraTS-like dataset: out_dir/images/DEMO-<case>-000_<slice>_<mod>.jpg, a
-    summary.jsonl with "<mod> Axial_path" keys and whole-tumour boxes [[maxx, maxy, minx, miny]], and
-    contact_sheet.png. Deterministic for a seed. Returns the summary.jsonl path."""
+    summary.jsonl (keys "<mod> Axial_path", whole-tumour boxes [[maxx, maxy, minx, miny]], the
+    patient as "case") and contact_sheet.png. Deterministic for a seed. Returns the jsonl's path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -238,7 +251,7 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
                 name = f"images/{case}_{j}_{MODALITIES.index(m)}.jpg"
                 (out_dir / name).write_bytes(gray_jpeg(img))
                 row[f"{m} Axial_path"] = name
-            row["box"] = [mask_box(whole)]
+            row.update(box=[mask_box(whole)], case=case)
             rows.append(row)
     write_jsonl(out_dir / "summary.jsonl", rows)
     write_contact_sheet(out_dir / "summary.jsonl", out_dir / "contact_sheet.png")
@@ -246,26 +259,27 @@ def make_demo(out_dir, cases=60, slices_per_case=6, seed=0, size=128):
 
 
 # -----------------------------------------------------------------------------
-# BraTS converter. NIfTI-1 is read by a small reader of our own (gzip + struct + numpy, below) rather
-# than nibabel: BraTS volumes are plain single-file NIfTI-1, ~60 lines cover them, and users need no
-# extra (large) dependency to convert their data.
+# BraTS converter. NIfTI-1 is read by a small reader of our own (gzip + struct + numpy, below)
+# rather than nibabel: BraTS volumes are plain single-file NIfTI-1, ~60 lines cover them, and users
+# need no extra (large) dependency to convert their data.
 
-_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
+                 1024: "i8", 1280: "u8"}
 
 
 @dataclass
 class Grid:
-    """How read_volume's RAS+ array maps back to its file: RAS axis a is the file's voxel axis axes[a],
-    reversed where flipped[a]; affine maps the file's voxel indices (i, j, k, 1) to millimetres (the
-    sform, else the qform, else the voxel sizes)."""
+    """How read_volume's RAS+ array maps back to its file: RAS axis a is the file's voxel axis
+    axes[a], reversed where flipped[a]; affine maps the file's voxel indices (i, j, k, 1) to
+    millimetres (the sform, else the qform, else the voxel sizes)."""
     shape: tuple  # the file's voxel shape
     axes: tuple
     flipped: tuple
     affine: np.ndarray  # (4, 4)
 
     def to_file(self, box):
-        """A box of the RAS array in voxel edges [x0, y0, z0, x1, y1, z1] -> the same voxels as edges
-        of the file's voxel grid (what a viewer shows)."""
+        """A box of the RAS array in voxel edges [x0, y0, z0, x1, y1, z1] -> the same voxels as
+        edges of the file's voxel grid (what a viewer shows)."""
         lo, hi = [0] * 3, [0] * 3
         for a, i in enumerate(self.axes):
             b0, b1 = box[a], box[a + 3]
@@ -273,32 +287,34 @@ class Grid:
         return lo + hi
 
     def to_mm(self, box):
-        """A box of the file's voxel grid in edges -> [x0, y0, z0, x1, y1, z1] in world millimetres (the
-        NIfTI affine maps voxel centres, so an edge e sits at index e - 0.5); axis-aligned in the world."""
+        """A box of the file's voxel grid in edges -> [x0, y0, z0, x1, y1, z1] in world millimetres
+        (the NIfTI affine maps voxel centres, so an edge e sits at index e - 0.5); axis-aligned in
+        the world. Rounded to 0.1 mm, well under a voxel."""
         corners = np.array([[box[3 * u] - 0.5, box[1 + 3 * v] - 0.5, box[2 + 3 * w] - 0.5, 1.0]
                             for u in (0, 1) for v in (0, 1) for w in (0, 1)])  # (8, 4)
         mm = corners @ self.affine[:3].T  # (8, 3)
-        return [round(float(v), 2) for v in np.concatenate([mm.min(0), mm.max(0)])]
+        return [round(float(v), 1) for v in np.concatenate([mm.min(0), mm.max(0)])]
 
 
 def read_nifti(path):
-    """A NIfTI-1 file (.nii or .nii.gz) -> volume float32 (X, Y, Z) in RAS+ order: index grows towards
-    the patient's Right, Anterior, Superior, intensity scaling applied."""
+    """A NIfTI-1 file (.nii or .nii.gz) -> volume float32 (X, Y, Z) in RAS+ order: index grows
+    towards the patient's Right, Anterior, Superior, intensity scaling applied."""
     return read_volume(path)[0]
 
 
 def read_volume(path):
-    """read_nifti, and the Grid that maps the RAS+ array back to the file's voxels and millimetres."""
+    """read_nifti, and the Grid that maps the RAS+ array back to the file's voxels and to mm."""
     path = Path(path)
     try:
         raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, not gzip, cut short, corrupt
+    except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, not gzip, cut short, bad
         raise DataError(f"{path}: cannot be read as a NIfTI file ({e})") from None
     if len(raw) < 352:
         raise DataError(f"{path}: too short for a NIfTI-1 file")
     e = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
     if struct.unpack(e + "i", raw[:4])[0] != 348 or raw[344:347] != b"n+1":
-        raise DataError(f"{path}: not a single-file NIfTI-1 image (NIfTI-2 and .hdr/.img pairs are not supported)")
+        raise DataError(f"{path}: not a single-file NIfTI-1 image "
+                        f"(NIfTI-2 and .hdr/.img pairs are not supported)")
     dim = struct.unpack(e + "8h", raw[40:56])
     dtype = struct.unpack(e + "h", raw[70:72])[0]
     if dtype not in _NIFTI_DTYPES:
@@ -314,8 +330,9 @@ def read_volume(path):
     count = shape[0] * shape[1] * shape[2]
     dt = np.dtype(e + _NIFTI_DTYPES[dtype])
     if len(raw) < vox_offset + count * dt.itemsize:
-        raise DataError(f"{path}: truncated: {len(raw)} bytes hold fewer than the {shape} voxels of its header")
-    data = np.frombuffer(raw, dt, count, vox_offset).reshape(shape, order="F")  # NIfTI stores x fastest
+        raise DataError(f"{path}: truncated: {len(raw)} bytes hold fewer than the {shape} voxels "
+                        f"of its header")
+    data = np.frombuffer(raw, dt, count, vox_offset).reshape(shape, order="F")  # x fastest
     if slope not in (0.0, 1.0) or inter != 0.0:  # scl_slope 0 means "no scaling"
         data = data.astype(np.float64) * (slope if slope else 1.0) + inter
     data = data.astype(np.float32)
@@ -349,8 +366,9 @@ def read_volume(path):
 
 
 def view_slice(vol, view, k):
-    """An upright 2-D slice of a RAS+ volume, radiological convention (the patient's right on the image's
-    left): axial with the nose up, coronal and sagittal with the top of the head up (sagittal facing left)."""
+    """An upright 2-D slice of a RAS+ volume, radiological convention (the patient's right on the
+    image's left): axial with the nose up, coronal and sagittal with the top of the head up (and
+    sagittal facing left)."""
     if view == "axial":
         return vol[::-1, ::-1, k].T  # rows: anterior -> posterior
     if view == "coronal":
@@ -359,29 +377,31 @@ def view_slice(vol, view, k):
 
 
 def _window(vol, brain, lo_pct=0.5, hi_pct=99.5):
-    """Intensities -> uint8 by percentiles inside the brain (robust to any scale: int, float, z-scored);
-    black outside the brain."""
+    """Intensities -> uint8 by percentiles inside the brain (robust to any scale: int, float,
+    z-scored); black outside the brain."""
     lo, hi = np.percentile(vol[brain], [lo_pct, hi_pct])
     out = np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     return np.where(brain, out, 0).astype(np.uint8)
 
 
-VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis that a view's slices are taken along
-MIN_BRAIN_SHARE = 0.05  # a slice with less brain than this share of the study's largest section shows background
+VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis that a view's slices cut
+# a slice with less brain than this share of the study's largest section shows background
+MIN_BRAIN_SHARE = 0.05
 
 
 def case_file(folder, name):
     """<folder>/<folder name>-<name>.nii.gz (or .nii) when it exists, else None."""
     folder = Path(folder)
-    return next((p for p in (folder / f"{folder.name}-{name}.nii.gz", folder / f"{folder.name}-{name}.nii") if p.is_file()), None)
+    files = (folder / f"{folder.name}-{name}.nii.gz", folder / f"{folder.name}-{name}.nii")
+    return next((p for p in files if p.is_file()), None)
 
 
 def read_study(paths, brainmask=None):
-    """The modality volumes of one study -> (uint8 RAS volumes windowed inside the brain, brain (bool
-    RAS), the first file's Grid). The converter and sample.py --volume both read studies here, so a
-    slice is the same picture in training and in answering. The brain is the brain mask when given
-    (z-scored data has a nonzero background), else the voxels nonzero in any modality; a volume that
-    is nonzero nearly everywhere without a mask is refused (its window would be the background's)."""
+    """The modality volumes of one study -> (uint8 RAS volumes windowed inside the brain, brain
+    (bool RAS), the first file's Grid). The converter and sample.py --volume both read studies here,
+    so a slice is the same picture in training and in answering. The brain is the brain mask when
+    given (z-scored data has a nonzero background), else the voxels nonzero in any modality; without
+    a mask, a volume nonzero nearly everywhere is refused (its window would be the background's)."""
     if not paths:
         raise DataError("a study needs at least one modality volume")
     read = [read_volume(p) for p in paths]
@@ -392,19 +412,21 @@ def read_study(paths, brainmask=None):
     if brainmask is not None:
         brain = read_nifti(brainmask) > 0
         if brain.shape != vols[0].shape:
-            raise DataError(f"{brainmask}: brain mask of shape {brain.shape}, the volumes are {vols[0].shape}")
+            raise DataError(f"{brainmask}: brain mask of shape {brain.shape}, "
+                            f"the volumes are {vols[0].shape}")
     else:
         brain = np.any([v != 0 for v in vols], 0)
         if brain.mean() > 0.9:
-            raise DataError(f"{paths[0]}: nonzero in {brain.mean():.0%} of the voxels, so the brain cannot be told from "
-                            f"the background (z-scored, or not skull-stripped); give its brain mask (<case>-brainmask.nii.gz)")
+            raise DataError(f"{paths[0]}: nonzero in {brain.mean():.0%} of the voxels, so the "
+                            f"brain cannot be told from the background (z-scored, or not "
+                            f"skull-stripped); give its brain mask (<case>-brainmask.nii.gz)")
     if not brain.any():
         raise DataError(f"{brainmask or paths[0]}: every voxel is zero")
     return [_window(v, brain) for v in vols], brain, read[0][1]
 
 
 def brain_slices(brain, view):
-    """-> bool per slice of the view: True where the slice shows brain (MIN_BRAIN_SHARE of the largest section)."""
+    """-> bool per slice of the view: True where it shows brain (MIN_BRAIN_SHARE of the largest)."""
     area = brain.sum(tuple(a for a in range(3) if a != VIEW_AXIS[view]))
     return area >= MIN_BRAIN_SHARE * area.max()
 
@@ -415,21 +437,21 @@ def slice_jpeg(volume, view, k):
 
 
 def volume_box(box, view, k, shape):
-    """A pixel box [x0, y0, x1, y1] (edges) on slice k of a view, as view_slice draws it, of a RAS volume of
-    shape (X, Y, Z) -> the same voxels as RAS edges [x0, y0, z0, x1, y1, z1]. Image columns and rows run
-    against the RAS axes (see view_slice), so an edge e becomes n - e."""
+    """A pixel box [x0, y0, x1, y1] (edges) on slice k of a view, as view_slice draws it, of a RAS
+    volume of shape (X, Y, Z) -> the same voxels as RAS edges [x0, y0, z0, x1, y1, z1]. Image
+    columns and rows run against the RAS axes (see view_slice), so an edge e becomes n - e."""
     X, Y, Z = shape
     c0, r0, c1, r1 = box
     if view == "axial":  # columns: x reversed, rows: y reversed
         return [X - c1, Y - r1, k, X - c0, Y - r0, k + 1]
     if view == "coronal":  # columns: x reversed, rows: z reversed
         return [X - c1, k, Z - r1, X - c0, k + 1, Z - r0]
-    return [k, Y - c1, Z - r1, k + 1, Y - c0, Z - r0]  # sagittal: columns y reversed, rows z reversed
+    return [k, Y - c1, Z - r1, k + 1, Y - c0, Z - r0]  # sagittal: columns y, rows z reversed
 
 
 def image_box(box, view, shape):
-    """volume_box's way back: RAS edges [x0, y0, z0, x1, y1, z1] -> the pixel box [x0, y0, x1, y1] that
-    the box covers on any slice of the view."""
+    """volume_box's way back: RAS edges [x0, y0, z0, x1, y1, z1] -> the pixel box [x0, y0, x1, y1]
+    that the box covers on any slice of the view."""
     X, Y, Z = shape
     x0, y0, z0, x1, y1, z1 = box
     if view == "axial":
@@ -439,15 +461,18 @@ def image_box(box, view, shape):
     return [Y - y1, Z - z1, Y - y0, Z - z0]
 
 
-def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, val_fraction=0.2, seed=0, log=print):
-    """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG slices and jsonl rows (see README, "Your data").
+def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, val_fraction=0.2,
+                  seed=0, log=print):
+    """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG slices and jsonl rows (README, "Your
+    data").
 
     Keeps slices with at least min_tumor_px whole-tumour pixels (seg > 0), and with negatives R > 0
-    also round(R * that many) slices without any tumour pixel, "box": [], spread evenly over the slices
-    that show brain (brain_slices: not the empty background above and below it). Images are
-    out/images/<case>_<viewindex>-<slice>_<modindex>.jpg (view index in VIEWS, modality index in the row's
-    key order). Writes summary.jsonl (all rows), train.jsonl and val.jsonl (split by patient). Rows of
-    different views have different keys, so with several views each view gets its own folder out/<view>/.
+    also round(R * that many) slices without any tumour pixel, "box": [], spread evenly over the
+    slices that show brain (brain_slices: not the empty background above and below it). Images are
+    out/images/<case>_<viewindex>-<slice>_<modindex>.jpg (view index in VIEWS, modality index in the
+    row's key order). Each row names its patient, the case folder, as "case". Writes summary.jsonl
+    (all rows), train.jsonl and val.jsonl (split by that patient). Rows of different views have
+    different keys, so with several views each view gets its own folder out/<view>/.
     Returns {view: number of rows}.
     """
     src, out = Path(src), Path(out)
@@ -488,7 +513,8 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, v
             tumour = np.nonzero(counts >= max(min_tumor_px, 1))[0]
             free = np.nonzero((counts == 0) & brain_slices(brain, view))[0]
             n_free = min(len(free), round(negatives * len(tumour)))
-            free = free[np.linspace(0, len(free) - 1, n_free).round().astype(int)] if n_free else free[:0]
+            spread = np.linspace(0, len(free) - 1, n_free).round().astype(int)
+            free = free[spread] if n_free else free[:0]
             for k in sorted([*tumour, *free]):
                 row = {}
                 for j, (m, img) in enumerate(zip(mods, images)):
@@ -496,25 +522,28 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, v
                     (folder / name).write_bytes(slice_jpeg(img, view, k))
                     row[f"{m} {view.capitalize()}_path"] = name
                 row["box"] = [mask_box(view_slice(seg, view, k))] if counts[k] > 0 else []
+                row["case"] = d.name
                 rows[view].append(row)
-            added[view] = f"{len(tumour)} slices" + (f" + {n_free} without tumour" if negatives > 0 else "")
+            added[view] = f"{len(tumour)} slices"
+            if negatives > 0:
+                added[view] += f" + {n_free} without tumour"
         log(f"{d.name}: " + ", ".join(f"{view} {n}" for view, n in added.items()))
     if mods is None:
         raise DataError(f"{src}: no case has a seg file; nothing to convert")
     for view in views:
         folder = out if len(views) == 1 else out / view
-        val = write_split(folder, rows[view], [data.case_id(next(iter(r.values()))) for r in rows[view]], val_fraction, seed)
+        val = write_split(folder, rows[view], [r["case"] for r in rows[view]], val_fraction, seed)
         n_free = sum(not r["box"] for r in rows[view])
-        log(f"{view}: {len(rows[view])} slices ({n_free} without tumour), {len(val)} validation cases "
-            f"({', '.join(sorted(val))}) -> {folder}")
+        log(f"{view}: {len(rows[view])} slices ({n_free} without tumour), "
+            f"{len(val)} validation cases ({', '.join(sorted(val))}) -> {folder}")
     return {v: len(rows[v]) for v in views}
 
 
 # -----------------------------------------------------------------------------
-# Image + mask pairs: the form most public sets ship in (figshare brain tumours, the LGG collection, many
-# Kaggle sets). A pattern with "{}" names each modality's file and the mask's, relative to the source
-# folder: `images/{}.jpg` + `masks/{}.png` (figshare), or `{}_flair.png`, `{}_t1c.png` + `{}_seg.png`.
-# The "{}" part is the slice's key, shared by its files.
+# Image + mask pairs: the form most public sets ship in (figshare brain tumours, the LGG collection,
+# many Kaggle sets). A pattern with "{}" names each modality's file and the mask's, relative to the
+# source folder: `images/{}.jpg` + `masks/{}.png` (figshare), or `{}_flair.png`, `{}_t1c.png` +
+# `{}_seg.png`. The "{}" part is the slice's key, shared by its files.
 
 def _natural(key):
     """Sort key that puts 'x2' before 'x10'."""
@@ -527,8 +556,8 @@ def _pattern_regex(pattern):
 
 
 def read_mask(path, size):
-    """A mask image -> bool (H, W), mask > 0. Refuses a mask of another size than its image (W, H) and
-    one that is not binary (more than one nonzero value: a JPEG-compressed or soft mask)."""
+    """A mask image -> bool (H, W), mask > 0. Refuses a mask of another size than its image (W, H)
+    and one that is not binary (more than one nonzero value: a JPEG-compressed or soft mask)."""
     try:
         with Image.open(path) as im:
             m = np.asarray(im)
@@ -536,19 +565,23 @@ def read_mask(path, size):
         raise DataError(f"{path}: cannot read the mask ({e})") from None
     if m.ndim == 3:  # an RGB(A) mask is fine when its colour channels agree
         if not (m[..., :3] == m[..., :1]).all():
-            raise DataError(f"{path}: a colour mask whose channels differ; expected a grey 0/1 or 0/255 mask")
+            raise DataError(f"{path}: a colour mask whose channels differ; "
+                            f"expected a grey 0/1 or 0/255 mask")
         m = m[..., 0]
     if (m.shape[1], m.shape[0]) != tuple(size):
-        raise DataError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but its image is {size[0]}x{size[1]}")
+        raise DataError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} "
+                        f"but its image is {size[0]}x{size[1]}")
     values = np.unique(m)
     if len(values[values != 0]) > 1:
-        raise DataError(f"{path}: mask is not binary: values {values[:6].tolist()}{' ...' if len(values) > 6 else ''}; "
+        more = " ..." if len(values) > 6 else ""
+        raise DataError(f"{path}: mask is not binary: values {values[:6].tolist()}{more}; "
                         f"expected 0 and one other value")
     return m != 0
 
 
 def regions(mask, min_px):
-    """Connected regions (4-neighbour) of a bool mask with at least min_px pixels -> list of bool masks."""
+    """Connected regions (4-neighbour) of a bool mask with at least min_px pixels -> list of bool
+    masks."""
     seen, found = np.zeros_like(mask), []
     H, W = mask.shape
     for y0, x0 in zip(*np.nonzero(mask)):
@@ -583,12 +616,12 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
                   val_fraction=0.2, seed=0, log=print):
     """Image + mask pairs under src -> out/summary.jsonl, train.jsonl, val.jsonl (split by patient).
 
-    modalities: {name: pattern}, e.g. {"t1c": "images/{}.jpg"}; mask_pattern e.g. "masks/{}.png". Rows
-    point at the source images (paths relative to out) and hold the box of `mask > 0`, or with
-    min_region_px > 0 one box per connected region of at least that many pixels (a slice whose regions
-    are all smaller is left out: it neither has a box nor shows no tumour); "box": [] when the mask is
-    empty. The patient of a row is cases_csv's (key -> patient), else read from the file names
-    (data.case_id), and is written as the row's "case". Returns the number of rows."""
+    modalities: {name: pattern}, e.g. {"t1c": "images/{}.jpg"}; mask_pattern e.g. "masks/{}.png".
+    Rows point at the source images (paths relative to out) and hold the box of `mask > 0`, or with
+    min_region_px > 0 one box per connected region of at least that many pixels (a slice whose
+    regions are all smaller is left out: it neither has a box nor shows no tumour); "box": [] when
+    the mask is empty. The patient of a row is cases_csv's (key -> patient), else read from the file
+    names (data.case_id), and is written as the row's "case". Returns the number of rows."""
     src, out = Path(src), Path(out)
     first, pattern = next(iter(modalities.items()))
     rx, mask_rx = _pattern_regex(pattern), _pattern_regex(mask_pattern)
@@ -596,7 +629,7 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
     for f in src.glob(pattern.replace("{}", "*")):
         rel = f.relative_to(src).as_posix()
         m = rx.match(rel)
-        if m and not mask_rx.match(rel):  # a mask that the image pattern also matches is not an image
+        if m and not mask_rx.match(rel):  # a mask that the image pattern matches is no image
             found[m.group(1)] = f
     if not found:
         raise DataError(f"{src}: no file matches the {first} pattern {pattern!r}")
@@ -619,8 +652,11 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
         if len(sizes) > 1:
             raise DataError(f"{paths[0]}: its modalities differ in size {sorted(sizes)}")
         mask = read_mask(mask_path, sizes.pop())
-        parts = regions(mask, min_region_px) if min_region_px > 0 else ([mask] if mask.any() else [])
-        if mask.any() and not parts:  # tumour, but only regions too small to box: neither a box nor "no tumour"
+        if min_region_px > 0:
+            parts = regions(mask, min_region_px)
+        else:
+            parts = [mask] if mask.any() else []
+        if mask.any() and not parts:  # only regions too small to box: neither a box nor "no tumour"
             n_small += 1
             continue
         if case_of is not None:
@@ -634,12 +670,14 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
         rows.append(row)
         cases.append(case)
     if len(set(cases)) < 2:
-        log(f"warning: every row has the patient {cases[0]!r}; give --cases CSV so that patients can be told apart")
+        log(f"warning: every row has the patient {cases[0]!r}; "
+            f"give --cases CSV so that patients can be told apart")
     val = write_split(out, rows, cases, val_fraction, seed)
     n_empty = sum(not r["box"] for r in rows)
+    small = (f"; {n_small} slices left out, their mask's regions all under {min_region_px} pixels"
+             if n_small else "")
     log(f"{len(rows)} slices ({n_empty} with an empty mask), {len(set(cases))} patients, "
-        f"{len(val)} for validation -> {out}"
-        + (f"; {n_small} slices left out, their mask's regions all under {min_region_px} pixels" if n_small else ""))
+        f"{len(val)} for validation -> {out}{small}")
     return len(rows)
 
 
@@ -648,37 +686,53 @@ def convert_masks(src, out, modalities, mask_pattern, view="Axial", cases_csv=No
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Make datasets for minigpt-mri.")
-    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage
+    # one line, not the whole usage
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="write a synthetic BraTS-like demo dataset")
     p.add_argument("out_dir", help="output folder (images/, summary.jsonl, contact_sheet.png)")
-    p.add_argument("--cases", type=int, default=60, help="number of synthetic patients (default 60)")
+    p.add_argument("--cases", type=int, default=60,
+                   help="number of synthetic patients (default 60)")
     p.add_argument("--slices", type=int, default=6, help="slices per patient (default 6)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; same seed, same files (default 0)")
     p = sub.add_parser("brats", help="convert BraTS NIfTI case folders into JPEG slices and jsonl")
-    p.add_argument("src_dir", help="folder of case folders <case>/<case>-{t2f,t2w,t1n,t1c,seg}.nii.gz")
-    p.add_argument("out_dir", help="output folder (images/, summary.jsonl, train.jsonl, val.jsonl, contact_sheet.png)")
-    p.add_argument("--views", default="axial", help="comma-separated subset of axial,coronal,sagittal (default axial)")
-    p.add_argument("--min-tumor-px", type=int, default=100, help="keep slices with at least this many tumour pixels (default 100)")
+    p.add_argument("src_dir",
+                   help="folder of case folders <case>/<case>-{t2f,t2w,t1n,t1c,seg}.nii.gz")
+    p.add_argument("out_dir", help="output folder (images/, summary.jsonl, train.jsonl, val.jsonl, "
+                                   "contact_sheet.png)")
+    p.add_argument("--views", default="axial",
+                   help="comma-separated subset of axial,coronal,sagittal (default axial)")
+    p.add_argument("--min-tumor-px", type=int, default=100,
+                   help="keep slices with at least this many tumour pixels (default 100)")
     p.add_argument("--negatives", type=float, default=0.0, metavar="R",
-                   help='also R slices without tumour ("box": []) per tumour slice, spread over the slices that '
-                        'show brain, to teach the answer "no tumour" (default 0: tumour slices only)')
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val.jsonl (default 0.2)")
+                   help='also R slices without tumour ("box": []) per tumour slice, spread over '
+                        'the slices that show brain, to teach the answer "no tumour" '
+                        '(default 0: tumour slices only)')
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of patients for val.jsonl (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
-    p = sub.add_parser("masks", help="convert image + mask pairs (one or several modalities) into jsonl")
+    p = sub.add_parser("masks",
+                       help="convert image + mask pairs (one or several modalities) into jsonl")
     p.add_argument("src_dir", help="the dataset's folder; the patterns below are relative to it")
-    p.add_argument("out_dir", help="output folder (summary.jsonl, train.jsonl, val.jsonl, contact_sheet.png)")
+    p.add_argument("out_dir",
+                   help="output folder (summary.jsonl, train.jsonl, val.jsonl, contact_sheet.png)")
     p.add_argument("--modality", action="append", metavar="NAME=PATTERN",
-                   help='a modality and its files, "{}" standing for the slice key, e.g. t1c=images/{}.jpg; '
-                        "repeat for several modalities, in the order the model reads them (default t1c=images/{}.jpg)")
-    p.add_argument("--mask", default="masks/{}.png", help='the mask files, e.g. {}_seg.png (default masks/{}.png)')
-    p.add_argument("--view", default="Axial", help="view named in the row keys, '<modality> <View>_path' (default Axial)")
-    p.add_argument("--cases", help="csv of slice key, patient (header first): the patient of each slice; "
-                                   "default: read from the file names")
+                   help='a modality and its files, "{}" standing for the slice key, e.g. '
+                        't1c=images/{}.jpg; repeat for several modalities, in the order the model '
+                        'reads them (default t1c=images/{}.jpg)')
+    p.add_argument("--mask", default="masks/{}.png",
+                   help="the mask files, e.g. {}_seg.png (default masks/{}.png)")
+    p.add_argument("--view", default="Axial",
+                   help="view named in the row keys, '<modality> <View>_path' (default Axial)")
+    p.add_argument("--cases", help="csv of slice key, patient (header first): the patient of each "
+                                   "slice; default: read from the file names")
     p.add_argument("--min-region-px", type=int, default=0,
-                   help="0: one box around all of mask > 0 (default); N: one box per connected region of >= N pixels")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val.jsonl (default 0.2)")
+                   help="0: one box around all of mask > 0 (default); N: one box per connected "
+                        "region of >= N pixels")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of patients for val.jsonl (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
     for sp in sub.choices.values():
         sp.error = parser.error
@@ -688,12 +742,13 @@ def main(argv=None):
         for spec in args.modality or ["t1c=images/{}.jpg"]:
             name, _, pattern = spec.partition("=")
             if not name or pattern.count("{}") != 1:
-                parser.error(f"--modality {spec!r}: expected NAME=PATTERN with one {{}} in the pattern")
+                parser.error(f"--modality {spec!r}: "
+                             f"expected NAME=PATTERN with one {{}} in the pattern")
             mods[name] = pattern
         if args.mask.count("{}") != 1:
             parser.error(f"--mask {args.mask!r}: expected one {{}} in the pattern")
-        convert_masks(args.src_dir, args.out_dir, mods, args.mask, args.view, args.cases, args.min_region_px,
-                      args.val_fraction, args.seed)
+        convert_masks(args.src_dir, args.out_dir, mods, args.mask, args.view, args.cases,
+                      args.min_region_px, args.val_fraction, args.seed)
     elif args.command == "demo":
         path = make_demo(args.out_dir, args.cases, args.slices, args.seed, args.size)
         print(f"wrote {path} and {Path(args.out_dir) / 'contact_sheet.png'}")
@@ -704,7 +759,8 @@ def main(argv=None):
             parser.error(f"--views: unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
         if args.negatives < 0:
             parser.error(f"--negatives {args.negatives}: expected a number >= 0")
-        convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.negatives, args.val_fraction, args.seed)
+        convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.negatives,
+                      args.val_fraction, args.seed)
 
 
 if __name__ == "__main__":

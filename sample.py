@@ -3,17 +3,17 @@ Ask a trained minigpt-mri model where the tumour is.
 
     python sample.py --images t2f.jpg t2w.jpg t1n.jpg t1c.jpg [--ckpt out] [--draw answer.png]
     python sample.py --data val.jsonl --out pred.jsonl [--ckpt out]
-    python sample.py --volume CASE_DIR [--draw study.png]   # a whole NIfTI study: <case>-<modality>.nii.gz
+    python sample.py --volume CASE_DIR [--draw study.png]   # a whole NIfTI study
     python sample.py --volume t2f.nii.gz t1n.nii.gz          # or one volume per modality
-    python sample.py                      # the first validation rows of the demo data that train.py made
+    python sample.py                      # the first validation rows the checkpoint was scored on
 
-One image per modality, in the checkpoint's order. The answer is one JSON line: the box in the training
-data's corner order (by default [maxx, maxy, minx, miny]; --box-format xywh gives COCO [x, y, w, h]),
-in pixels of the image size it names, or "box": [] for "no tumour".
+One image per modality, in the checkpoint's order. The answer is one JSON line: the box in the
+training data's corner order (by default [maxx, maxy, minx, miny]; --box-format xywh gives COCO
+[x, y, w, h]), in pixels of the image size it names, or "box": [] for "no tumour".
 
-A whole study (--volume) is read and windowed as prepare.py's converter does it, and every slice of the
-trained view that shows brain is answered: one JSON line per slice with a tumour, then a summary line
-with the tumour's 3-D box in the file's voxels and in millimetres (see study_box).
+A whole study (--volume) is read and windowed as prepare.py's converter does it, and every slice of
+the trained view that shows brain is answered: one JSON line per slice with a tumour, then a summary
+line with the tumour's 3-D box in the file's voxels and in millimetres (see study_box).
 """
 
 import argparse
@@ -21,46 +21,28 @@ import io
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import checkpoint
 import data
 import prepare
-from model import PRESENT_AT, CheckpointError, MiniGPT
-
-
-def find_checkpoint(path):
-    """A checkpoint folder holds model.safetensors; train.py's --out folder holds one under ckpt/."""
-    path = Path(path)
-    for folder in (path, path / "ckpt"):
-        if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
-            return folder
-    sys.exit(f"error: no checkpoint in {path}: expected {path / 'ckpt' / 'model.safetensors'} (train one with "
-             f"`python train.py --out {path}`) or a folder holding model.safetensors and config.json")
-
-
-def load(ckpt):
-    """-> model (eval mode), its data settings (modalities, image size, normalisation, ...), tokenizer."""
-    model = MiniGPT.from_checkpoint(ckpt)
-    meta = json.loads((ckpt / "config.json").read_text()).get("meta")
-    if not isinstance(meta, dict) or "modalities" not in meta:
-        raise CheckpointError(f"{ckpt / 'config.json'}: no \"meta\" with the data settings (not written by train.py)")
-    if not (ckpt / "tokenizer.model").is_file():
-        raise CheckpointError(f"{ckpt / 'tokenizer.model'}: missing (train.py writes it beside the weights)")
-    tokenizer = data.Tokenizer(ckpt / "tokenizer.model", model.cfg.num_bins)
-    return model.eval(), meta, tokenizer
+from config import CheckpointError, DataError
+from model import PRESENT_AT
 
 
 @torch.no_grad()
 def predict(model, items, load, device, batch_size=32, pad=False):
-    """Answer every item in batches of batch_size: load(item) -> its images (N, 3, S, S). -> boxes (M, 4)
-    normalised [x0, y0, x1, y1] and p (M,), the probability of a tumour (the answer is "no tumour" where
-    p < PRESENT_AT). pad=True fills the last batch up (repeating its last item) so that a compiled decode step
-    sees one batch shape only."""
-    boxes, probs, dtype = [], [], next(model.parameters()).dtype  # inputs in the weights' dtype (bf16 with --bf16)
+    """Answer every item in batches of batch_size: load(item) -> its images (N, 3, S, S). -> boxes
+    (M, 4) normalised [x0, y0, x1, y1] and p (M,), the probability of a tumour (the answer is "no
+    tumour" where p < PRESENT_AT). pad=True fills the last batch up (repeating its last item) so
+    that a compiled decode step sees one batch shape only."""
+    boxes, probs = [], []
+    dtype = next(model.parameters()).dtype  # inputs in the weights' dtype (bf16 with --bf16)
     for i in range(0, len(items), batch_size):
         chunk = items[i: i + batch_size]
         x = torch.stack([load(item) for item in chunk])
@@ -72,9 +54,61 @@ def predict(model, items, load, device, batch_size=32, pad=False):
     return torch.cat(boxes), torch.cat(probs)
 
 
+# -----------------------------------------------------------------------------
+# Slices: images given on the command line, or the rows of a summary.jsonl
+
+def answer_samples(run, samples, device, pad, box_format, with_paths):
+    """Answer slices (data.Sample) -> (JSON rows, pixel answers: [x0, y0, x1, y1] or None for "no
+    tumour"). A row: the input's image keys (with_paths), the box in box_format or [] for "no
+    tumour", p_tumour and the size (W, H) the box refers to."""
+    meta = run.meta
+    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
+    boxes, probs = predict(run.model, samples, read, device, pad=pad)
+    preds = [data.to_pixels(b, s.size) if p >= PRESENT_AT else None
+             for b, p, s in zip(boxes, probs, samples)]
+    rows = []
+    for s, pred, p in zip(samples, preds, probs):
+        row = {k: v for k, v in s.row.items() if k.endswith("_path")} if with_paths else {}
+        row["box"] = [data.box_to_output(pred, box_format)] if pred is not None else []
+        row["p_tumour"] = round(float(p), 4)
+        row["size"] = list(s.size)
+        rows.append(row)
+    return rows, preds
+
+
+def images_samples(run, images):
+    """--images: one image per modality, in the checkpoint's order -> [Sample]."""
+    modalities = run.meta["modalities"]
+    if len(images) != len(modalities):
+        raise DataError(f"got {len(images)} images, but the checkpoint {run.folder} expects "
+                        f"{len(modalities)}, one per modality in this order: "
+                        f"{', '.join(modalities)}")
+    return [data.sample_from_images(images)]
+
+
+def rows_samples(run, path, box_format):
+    """--data: every row of a summary.jsonl, its images put in the checkpoint's modality order."""
+    modalities = run.meta["modalities"]
+    file_mods, samples = data.read_summary(path, box_format=box_format, require_boxes=False)
+    if sorted(file_mods) != sorted(modalities):
+        raise DataError(f"{path}: modalities {file_mods} differ from the checkpoint's {modalities}")
+    order = [file_mods.index(m) for m in modalities]  # the same modalities in the model's order
+    for s in samples:
+        s.paths = [s.paths[k] for k in order]
+    return samples
+
+
+def demo_samples(run, n=4):
+    """No input: the first n validation rows the checkpoint was scored on (its val.jsonl)."""
+    if not run.val_rows.exists():
+        raise DataError(f"nothing to answer: give --images, --data or --volume ({run.val_rows} is "
+                        f"missing: a checkpoint from an older train.py)")
+    return rows_samples(run, run.val_rows, run.meta["box_format"])[:n]
+
+
 def draw(sample, modalities, pred, path):
-    """The modalities side by side, the answer in red (none drawn for "no tumour": pred None) and the
-    true box (when known) in green."""
+    """The modalities side by side, the answer in red (none drawn for "no tumour": pred None) and
+    the true box (when known) in green."""
     tiles = [Image.open(p).convert("RGB") for p in sample.paths]
     W, H = sample.size
     sheet = Image.new("RGB", (W * len(tiles), H + 16), "black")
@@ -82,7 +116,8 @@ def draw(sample, modalities, pred, path):
     for k, (tile, name) in enumerate(zip(tiles, modalities)):
         sheet.paste(tile, (k * W, 16))
         d.text((k * W + 2, 2), name, fill="white")
-        for box, color in [(b, (0, 220, 0)) for b in sample.boxes] + [(pred, (255, 40, 40))] * (pred is not None):
+        for box, color in ([(b, (0, 220, 0)) for b in sample.boxes]
+                           + [(pred, (255, 40, 40))] * (pred is not None)):
             x0, y0, x1, y1 = box
             d.rectangle([k * W + x0, 16 + y0, k * W + x1, 16 + y1], outline=color, width=2)
     sheet.save(path)
@@ -95,21 +130,24 @@ MAX_GAP = 4  # up to this many "no tumour" slices between two tumour slices are 
 
 
 def study_files(volume, modalities, brainmask=None):
-    """--volume CASE_DIR (holding <case>-<modality>.nii.gz for the checkpoint's modalities, and maybe
-    <case>-brainmask.nii.gz), or one file per modality in the checkpoint's order -> (paths, brain mask or None)."""
+    """--volume CASE_DIR (holding <case>-<modality>.nii.gz for the checkpoint's modalities, and
+    maybe <case>-brainmask.nii.gz), or one file per modality in the checkpoint's order -> (paths,
+    brain mask or None)."""
     names = [m.split()[0] for m in modalities]  # "t2f Axial" -> "t2f"
     if len(volume) == 1 and Path(volume[0]).is_dir():
         d = Path(volume[0])
         paths = [prepare.case_file(d, n) for n in names]
         missing = [f"{d.name}-{n}.nii.gz" for n, p in zip(names, paths) if p is None]
         if missing:
-            raise data.DataError(f"{d}: no {', '.join(missing)} (the checkpoint reads {', '.join(names)})")
+            raise DataError(f"{d}: no {', '.join(missing)} "
+                            f"(the checkpoint reads {', '.join(names)})")
         return paths, brainmask or prepare.case_file(d, "brainmask")
     if len(volume) == 1 and not Path(volume[0]).exists():
-        raise data.DataError(f"{volume[0]}: not found (give a case folder or one volume per modality)")
+        raise DataError(f"{volume[0]}: not found (give a case folder or one volume per modality)")
     if len(volume) != len(names):
-        raise data.DataError(f"got {len(volume)} volumes, but the checkpoint expects {len(names)}, one per modality in "
-                             f"this order: {', '.join(names)} (or give a case folder)")
+        raise DataError(f"got {len(volume)} volumes, but the checkpoint expects {len(names)}, "
+                        f"one per modality in this order: {', '.join(names)} "
+                        f"(or give a case folder)")
     return [Path(p) for p in volume], brainmask
 
 
@@ -117,19 +155,20 @@ def trained_view(modalities):
     """The view the checkpoint was trained on, from its keys ("t2f Axial" -> "axial")."""
     view = modalities[0].split()[-1].lower()
     if view not in prepare.VIEWS:
-        raise data.DataError(f"the checkpoint was trained on {modalities[0]!r} images, not on one of the views "
-                             f"{', '.join(prepare.VIEWS)}; --volume cannot tell which slices to answer")
+        raise DataError(f"the checkpoint was trained on {modalities[0]!r} images, not on one of "
+                        f"the views {', '.join(prepare.VIEWS)}; --volume cannot tell which "
+                        f"slices to answer")
     return view
 
 
 def tumour_runs(slices, max_gap=MAX_GAP):
     """Slice indices answered "tumour" -> (kept, bridged, dropped), each sorted. Slices at most
-    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them, a miss inside the
-    tumour, are bridged); the longest run (the first of equals) is the tumour and is kept; every other
-    run, such as a lone positive slice or a few far from the tumour, is dropped as an outlier. One run:
-    a whole tumour, oedema included, is one stretch of slices; a second focus further than max_gap
-    slices away is dropped with the outliers (see README, Results: what keeping runs of 3 or more
-    slices did on held-out patients)."""
+    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them, a miss
+    inside the tumour, are bridged); the longest run (the first of equals) is the tumour and is
+    kept; every other run, such as a lone positive slice or a few far from the tumour, is dropped
+    as an outlier. One run: a whole tumour, oedema included, is one stretch of slices; a second
+    focus further than max_gap slices away is dropped with the outliers (see docs/results.md, "The
+    run rule": what keeping runs of 3 or more slices did on held-out patients)."""
     runs = []
     for k in sorted(slices):
         if runs and k - runs[-1][-1] <= max_gap + 1:
@@ -142,63 +181,90 @@ def tumour_runs(slices, max_gap=MAX_GAP):
 
 
 def study_box(answers, kept, view, shape):
-    """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices, the
-    RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in the
-    slice plane, the first to the last kept slice across it."""
-    boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in kept], dtype=np.float64)
+    """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices,
+    the RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in
+    the slice plane, the first to the last kept slice across it."""
+    boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in kept],
+                     dtype=np.float64)
     return [int(round(v)) for v in np.concatenate([boxes[:, :3].min(0), boxes[:, 3:].max(0)])]
 
 
+@dataclass
+class Study:
+    """A whole study's answer. Slices and boxes inside are in the RAS volume read by
+    prepare.read_study; lines and summary (the output) are in the file's own voxels."""
+    lines: list  # one dict per tumour slice, in the file's slice order
+    summary: dict  # the 3-D box, slice range, counts, seconds
+    images: list  # the modalities' RAS volumes (X, Y, Z) uint8, windowed
+    view: str  # the trained view: its slices were answered
+    answers: dict  # RAS slice k -> its pixel box [x0, y0, x1, y1], for the slices answered "tumour"
+    kept: list  # the RAS slices of the tumour's run (tumour_runs)
+    box: list | None  # RAS voxel edges [x0, y0, z0, x1, y1, z1] of the 3-D box, None: no tumour
+    grid: prepare.Grid  # RAS <-> the file's voxels and millimetres
+
+    def file_slice(self, k):
+        """RAS slice k of the view -> its number in the file."""
+        return (self.grid.to_file([k] * 3 + [k + 1] * 3)
+                [self.grid.axes[prepare.VIEW_AXIS[self.view]]])
+
+
 @torch.no_grad()
-def answer_study(model, meta, paths, brainmask, device, pad=False):
-    """Read, window and answer every brain slice of a study. -> (lines: one dict per slice with a tumour,
-    then the summary dict; the drawing's inputs)."""
+def answer_study(run, volume, brainmask, device, pad=False):
+    """Read, window and answer every brain slice of a study (--volume, --brainmask). -> Study."""
     t0 = time.time()
+    meta = run.meta
+    paths, brainmask = study_files(volume, meta["modalities"], brainmask)
     images, brain, grid = prepare.read_study(paths, brainmask)
     view = trained_view(meta["modalities"])
-    axis = prepare.VIEW_AXIS[view]
     ks = [int(k) for k in np.nonzero(prepare.brain_slices(brain, view))[0]]
     H, W = prepare.view_slice(images[0], view, 0).shape
 
     def read(k):  # the converter's JPEG of each modality's slice k, read as training read it
-        return torch.stack([data.load_image(io.BytesIO(prepare.slice_jpeg(v, view, k)), meta["image_size"],
-                                            meta["mean"], meta["std"]) for v in images])
+        return torch.stack([data.load_image(io.BytesIO(prepare.slice_jpeg(v, view, k)),
+                                            meta["image_size"], meta["mean"], meta["std"])
+                            for v in images])
 
-    boxes, probs = predict(model, ks, read, device, pad=pad)
+    boxes, probs = predict(run.model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
     answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers))
-    file_axis = grid.axes[axis]
-    in_file = lambda ras_box: grid.to_file([int(round(v)) for v in ras_box])
-    file_slice = lambda k: grid.to_file([k] * 3 + [k + 1] * 3)[file_axis]  # RAS slice k -> its index in the file
-    lines = []
-    for k in sorted(answers, key=file_slice):  # in the file's slice order
-        vox = in_file(prepare.volume_box(answers[k], view, k, images[0].shape))
-        lines.append(dict(slice=vox[file_axis], p_tumour=round(p[k], 4), box_voxels=vox, box_mm=grid.to_mm(vox),
-                          outlier=k in dropped))
-    summary = dict(view=view, slices=images[0].shape[axis], brain_slices=len(ks), tumour_slices=len(kept))
-    box = None
+    study = Study([], {}, images, view, answers, kept, None, grid)
+    file_axis = grid.axes[prepare.VIEW_AXIS[view]]
+    for k in sorted(answers, key=study.file_slice):  # in the file's slice order
+        vox = grid.to_file([int(round(v)) for v in prepare.volume_box(answers[k], view, k,
+                                                                     images[0].shape)])
+        study.lines.append(dict(slice=vox[file_axis], p_tumour=round(p[k], 4), box_voxels=vox,
+                                box_mm=grid.to_mm(vox), outlier=k in dropped))
+    summary = dict(study=" ".join(map(str, volume)), view=view,
+                   slices=images[0].shape[prepare.VIEW_AXIS[view]], brain_slices=len(ks),
+                   tumour_slices=len(kept))
     if kept:
-        box = study_box(answers, kept, view, images[0].shape)
-        vox = grid.to_file(box)
-        summary.update(box_voxels=vox, box_mm=grid.to_mm(vox), slice_range=[vox[file_axis], vox[file_axis + 3] - 1],
-                       bridged_slices=sorted(file_slice(k) for k in bridged),
-                       dropped_slices=sorted(file_slice(k) for k in dropped))
+        study.box = study_box(answers, kept, view, images[0].shape)
+        vox = grid.to_file(study.box)
+        summary.update(box_voxels=vox, box_mm=grid.to_mm(vox),
+                       slice_range=[vox[file_axis], vox[file_axis + 3] - 1],
+                       bridged_slices=sorted(study.file_slice(k) for k in bridged),
+                       dropped_slices=sorted(study.file_slice(k) for k in dropped))
     else:
         summary.update(box_voxels=None, box_mm=None, answer="no tumour")
     summary["seconds"] = round(time.time() - t0, 2)
-    return lines, summary, (images, view, answers, kept, box, file_slice)
+    study.summary = summary
+    return study
 
 
-def draw_study(images, view, answers, kept, box, file_slice, title, path, tiles=12, tile=160):
-    """The picture a reader checks: top, three orthogonal views through the 3-D box's centre with the box;
-    below, up to `tiles` of the kept tumour slices, evenly spread, each with its own answered box. First
-    modality only (FLAIR in BraTS order: the whole tumour is brightest there). Boxes and slices are RAS
-    (see answer_study); file_slice(k) is slice k's number in the file, which the labels show."""
-    vol = images[0]
-    shape = vol.shape
-    cols = 4
-    picks = [kept[round(i * (len(kept) - 1) / max(1, tiles - 1))] for i in range(min(tiles, len(kept)))]
+def draw_study(study, modalities, path, tiles=12, tile=160):
+    """The picture a reader checks: top, three orthogonal views through the 3-D box's centre with
+    the box; below, up to `tiles` of the kept tumour slices, evenly spread, each with its own
+    answered box. First modality only (FLAIR in BraTS order: the whole tumour is brightest there).
+    The labels show the file's slice numbers."""
+    vol, view, kept, box = study.images[0], study.view, study.kept, study.box
+    shape, cols = vol.shape, 4
+    name = modalities[0].split()[0]
+    s = study.summary
+    title = (f"{name}: tumour on {s['tumour_slices']} slices {s['slice_range']}, 3-D box "
+             f"{s['box_voxels']} voxels" if kept else f"{name}: no tumour")
+    picks = [kept[round(i * (len(kept) - 1) / max(1, tiles - 1))]
+             for i in range(min(tiles, len(kept)))]
     picks = list(dict.fromkeys(picks))  # the same slice once
     rows = 1 + (len(picks) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * tile, rows * (tile + 14) + 16), "black")
@@ -208,123 +274,114 @@ def draw_study(images, view, answers, kept, box, file_slice, title, path, tiles=
     def put(img, rect, x, y, label):  # a slice scaled into a tile, its box in red
         h, w = img.shape
         f = tile / max(h, w)
-        sheet.paste(Image.fromarray(np.ascontiguousarray(img)).convert("RGB").resize((round(w * f), round(h * f))), (x, y + 14))
+        pic = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
+        sheet.paste(pic.resize((round(w * f), round(h * f))), (x, y + 14))
         d.text((x + 2, y + 1), label, fill=(255, 255, 0))
         if rect is not None:
             x0, y0, x1, y1 = rect
-            d.rectangle([x + x0 * f, y + 14 + y0 * f, x + x1 * f - 1, y + 14 + y1 * f - 1], outline=(255, 40, 40), width=2)
+            d.rectangle([x + x0 * f, y + 14 + y0 * f, x + x1 * f - 1, y + 14 + y1 * f - 1],
+                        outline=(255, 40, 40), width=2)
 
     centre = [(box[a] + box[a + 3]) // 2 for a in range(3)] if box else [n // 2 for n in shape]
     for j, v in enumerate(prepare.VIEWS):
-        put(prepare.view_slice(vol, v, centre[prepare.VIEW_AXIS[v]]), prepare.image_box(box, v, shape) if box else None,
-            j * tile, 16, f"{v} through the box" if box else v)
+        put(prepare.view_slice(vol, v, centre[prepare.VIEW_AXIS[v]]),
+            prepare.image_box(box, v, shape) if box else None, j * tile, 16,
+            f"{v} through the box" if box else v)
     for i, k in enumerate(picks):
-        put(prepare.view_slice(vol, view, k), answers[k], (i % cols) * tile, 16 + (1 + i // cols) * (tile + 14),
-            f"{view} slice {file_slice(k)}")
+        put(prepare.view_slice(vol, view, k), study.answers[k], (i % cols) * tile,
+            16 + (1 + i // cols) * (tile + 14), f"{view} slice {study.file_slice(k)}")
     sheet.save(path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage
-    p.add_argument("--images", nargs="+", help="one image per modality, in the checkpoint's order (see the error for which)")
-    p.add_argument("--data", help="a summary.jsonl: answer every row (batched); scored when its rows carry boxes")
+def write_lines(lines, out, what):
+    """JSON lines to --out (with a note on stderr) or to stdout."""
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {what} to {out}", file=sys.stderr)
+    else:
+        print(text, end="")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the usage
+    p.add_argument("--images", nargs="+",
+                   help="one image per modality, in the checkpoint's order (the error says which)")
+    p.add_argument("--data", help="a summary.jsonl: answer every row (batched); scored when its "
+                                  "rows carry boxes")
     p.add_argument("--volume", nargs="+", metavar="PATH",
-                   help="a whole NIfTI study: a case folder holding <case>-<modality>.nii.gz, or one volume per modality "
-                        "in the checkpoint's order; answers every slice of the trained view and the tumour's 3-D box")
-    p.add_argument("--brainmask", help="with --volume: the study's brain mask (default: <case>-brainmask.nii.gz in a "
-                                       "case folder, else the voxels that are not zero)")
-    p.add_argument("--out", help="with --data: write predictions here, one JSON line per input line; with --volume: "
-                                 "its JSON lines (default: stdout)")
-    p.add_argument("--ckpt", default="out", help="checkpoint folder, or train.py's --out folder (default out/)")
+                   help="a whole NIfTI study: a case folder holding <case>-<modality>.nii.gz, or "
+                        "one volume per modality in the checkpoint's order; answers every slice of "
+                        "the trained view and the tumour's 3-D box")
+    p.add_argument("--brainmask", help="with --volume: the study's brain mask (default: "
+                                       "<case>-brainmask.nii.gz in a case folder, else the voxels "
+                                       "that are not zero)")
+    p.add_argument("--out", help="write the JSON lines here (default: stdout)")
+    p.add_argument("--ckpt", default="out",
+                   help="checkpoint folder, or train.py's --out folder (default out/)")
     p.add_argument("--box-format", choices=["corners", "xywh"],
-                   help="corners: [maxx, maxy, minx, miny]; xywh: COCO [x, y, w, h] (default: the training data's)")
-    p.add_argument("--draw", help="PNG: the modalities side by side with the answered box (red) and the true one (green); "
-                                  "with --volume, three views through the 3-D box and the tumour slices with their boxes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when available)")
+                   help="corners: [maxx, maxy, minx, miny]; xywh: COCO [x, y, w, h] (default: the "
+                        "training data's)")
+    p.add_argument("--draw", help="PNG: the modalities side by side with the answered box (red) "
+                                  "and the true one (green); with --volume, three views through "
+                                  "the 3-D box and the tumour slices with their boxes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="hold the weights in bf16 for answering (default: on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step, with CUDA graphs on CUDA; pays off over many rows (default: on CUDA with --data)")
+                   help="compile the decode step, with CUDA graphs on CUDA; pays off over many "
+                        "rows (default: on CUDA with --data)")
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.images, args.data, args.volume)) > 1:
         p.error("give one of --images, --data and --volume")
-
-    ckpt = find_checkpoint(args.ckpt)
-    model, meta, tokenizer = load(ckpt)
     cuda = args.device.startswith("cuda")
-    model.to(args.device, torch.bfloat16 if (cuda if args.bf16 is None else args.bf16) else torch.float32)
-    if (cuda and args.data is not None) if args.compile is None else args.compile:
-        model.compile_decode()
-        args.compile = True
-    modalities = meta["modalities"]
-    box_format = args.box_format or meta["box_format"]
+    if args.bf16 is None:
+        args.bf16 = cuda
+    if args.compile is None:
+        args.compile = cuda and args.data is not None
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = checkpoint.load(checkpoint.find(args.ckpt))
+    run.model.to(args.device, torch.bfloat16 if args.bf16 else torch.float32)
+    if args.compile:
+        run.model.compile_decode()
+    box_format = args.box_format or run.meta["box_format"]
 
     if args.volume:
-        paths, brainmask = study_files(args.volume, modalities, args.brainmask)
-        lines, summary, drawing = answer_study(model, meta, paths, brainmask, args.device, pad=bool(args.compile))
-        summary = {"study": " ".join(args.volume), **summary}
-        text = "".join(json.dumps(l) + "\n" for l in lines + [summary])
-        if args.out:
-            Path(args.out).write_text(text)
-            print(f"wrote {len(lines)} tumour slices and the summary to {args.out}", file=sys.stderr)
-        else:
-            print(text, end="")
+        study = answer_study(run, args.volume, args.brainmask, args.device, pad=args.compile)
+        write_lines(study.lines + [study.summary], args.out,
+                    f"{len(study.lines)} tumour slices and the summary")
         if args.draw:
-            title = (f"{modalities[0].split()[0]}: tumour on {summary['tumour_slices']} slices "
-                     f"{summary['slice_range']}, 3-D box {summary['box_voxels']} voxels" if summary["tumour_slices"]
-                     else f"{modalities[0].split()[0]}: no tumour")
-            draw_study(*drawing, title, args.draw)
+            draw_study(study, run.meta["modalities"], args.draw)
             print(f"drew {args.draw}", file=sys.stderr)
         return
     if args.images:
-        if len(args.images) != len(modalities):
-            sys.exit(f"error: got {len(args.images)} images, but the checkpoint {ckpt} expects {len(modalities)}, "
-                     f"one per modality in this order: {', '.join(modalities)}")
-        samples = [data.sample_from_images(args.images)]
+        samples = images_samples(run, args.images)
     elif args.data:
-        file_mods, samples = data.read_summary(args.data, box_format=box_format, require_boxes=False)
-        if sorted(file_mods) != sorted(modalities):
-            sys.exit(f"error: {args.data}: modalities {file_mods} differ from the checkpoint's {modalities}")
-        order = [file_mods.index(m) for m in modalities]  # the same modalities in another key order: the model's
-        for s in samples:
-            s.paths = [s.paths[k] for k in order]
-    else:  # the embedded demo: a few validation rows of the data the checkpoint was trained on
-        train_args = meta["args"]
-        path = train_args["val"] or train_args["data"]
-        if not Path(path).exists():
-            sys.exit(f"error: nothing to answer: give --images or --data (the training data {path} is not at hand)")
-        _, samples = data.read_summary(path, box_format=meta["box_format"])
-        if not train_args["val"]:
-            samples = data.split_by_patient(samples, train_args["val_fraction"], train_args["seed"])[1]
-        samples = samples[:4]
-
-    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
-    boxes, probs = predict(model, samples, read, args.device, pad=bool(args.compile))
-    preds = [data.to_pixels(b, s.size) if p >= PRESENT_AT else None for b, p, s in zip(boxes, probs, samples)]
-    lines = []
-    for s, pred, p in zip(samples, preds, probs):
-        row = {} if args.images else {k: v for k, v in s.row.items() if k.endswith("_path")}
-        row["box"] = [data.box_to_output(pred, box_format)] if pred is not None else []  # []: "no tumour"
-        row["p_tumour"] = round(float(p), 4)
-        row["size"] = list(s.size)  # (W, H): the pixels the box refers to
-        lines.append(json.dumps(row))
-    if args.out:
-        Path(args.out).write_text("".join(l + "\n" for l in lines))
-        print(f"wrote {len(lines)} predictions to {args.out}", file=sys.stderr)
+        samples = rows_samples(run, args.data, box_format)
     else:
-        print("\n".join(lines))
+        samples = demo_samples(run)
+    rows, preds = answer_samples(run, samples, args.device, args.compile, box_format,
+                                 with_paths=not args.images)
+    write_lines(rows, args.out, f"{len(rows)} predictions")
     if args.draw:
-        draw(samples[0], modalities, preds[0], args.draw)
+        draw(samples[0], run.meta["modalities"], preds[0], args.draw)
         print(f"drew {args.draw}", file=sys.stderr)
-    if any(s.boxes for s in samples):  # rows with a true box: IoU; with rows of "box": [] too, presence
+    if any(s.boxes for s in samples):  # rows with a true box: IoU; with "box": [] rows, presence
         n_pos = sum(bool(s.boxes) for s in samples)
-        print(f"{data.score_line(data.score_boxes(preds, samples))}: IoU on the {n_pos} rows with a box"
-              + (f", presence on all {len(samples)}" if n_pos < len(samples) else ""), file=sys.stderr)
+        print(f"{data.score_line(data.score_boxes(preds, samples))}: IoU on the {n_pos} rows "
+              f"with a box" + (f", presence on all {len(samples)}" if n_pos < len(samples) else ""),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, CheckpointError) as e:  # the user's input: one line, no traceback
+    except (DataError, CheckpointError) as e:  # the user's input: one line, no traceback
         sys.exit(f"error: {e}")

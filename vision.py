@@ -4,19 +4,21 @@ tokens into a few query tokens in the LLM's width, and the code that loads both 
 safetensors checkpoints.
 
 - ViT: Dosovitskiy et al. 2020 ("An Image is Worth 16x16 Words"), one class for the layouts of
-  BLIP-2's EVA ViT-g (Fang et al. 2022), OpenAI CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
+  BLIP-2's EVA ViT-g (Fang et al. 2022), OpenAI CLIP (Radford et al. 2021) and SigLIP (Zhai et al.
+  2023).
 - QFormer: BLIP-2 (Li et al. 2023), as reused by MiniGPT-4 (Zhu et al. 2023).
 
 Loading is strict: an explicit name-mapping table per layout; every missing, unexpected or wrongly
 shaped tensor is reported by name in one CheckpointError. Folders that load (Hugging Face layout,
 config.json + model.safetensors or sharded model.safetensors.index.json), tested for parity against
-`transformers` on tiny random models:
+`transformers` on tiny random models (layout, config.json model_type: what is read, e.g.):
 
-| layout | config.json model_type | ViT | Q-Former | e.g. |
-|---|---|---|---|---|
-| BLIP-2 (EVA ViT-g) | blip-2 | vision_model.* | qformer.*, query_tokens, language_projection | Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl |
-| CLIP | clip, clip_vision_model | vision_model.* | - | openai/clip-vit-large-patch14, openai/clip-vit-base-patch16 |
-| SigLIP | siglip, siglip_vision_model | vision_model.* | - | google/siglip-base-patch16-224 |
+- BLIP-2 (EVA ViT-g), blip-2: the ViT from vision_model.*, the Q-Former from qformer.*,
+  query_tokens and language_projection; e.g. Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl
+- CLIP, clip or clip_vision_model: the ViT from vision_model.*; e.g. openai/clip-vit-large-patch14,
+  openai/clip-vit-base-patch16
+- SigLIP, siglip or siglip_vision_model: the ViT from vision_model.*; e.g.
+  google/siglip-base-patch16-224
 
 Everything else in those folders (the OPT/T5 language model, text_model.*, projection heads) is
 never read. Original LAVIS .pth checkpoints are not read: convert them to the Hugging Face layout.
@@ -34,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from config import CheckpointError  # kept importable as vision.CheckpointError
+
 # -----------------------------------------------------------------------------
 # configs
 
@@ -49,11 +53,12 @@ class ViTConfig:
     class_token: bool = True
     act: str = "gelu"  # "gelu" (EVA), "quick_gelu" (OpenAI CLIP), "gelu_tanh" (SigLIP)
     pre_norm: bool = False  # CLIP's `pre_layrnorm` after the embeddings
-    final_norm: bool = True  # a LayerNorm over all output tokens (BLIP-2, SigLIP; not CLIP, see ViT)
+    final_norm: bool = True  # LayerNorm over all output tokens (BLIP-2, SigLIP; not CLIP, see ViT)
     norm_eps: float = 1e-6
     channels: int = 3
     patch_bias: bool = True  # CLIP's patch embedding has no bias
-    stem: str = "patch"  # "patch": one conv of stride patch_size (every pretrained layout); "cnn", "conv": see ConvStem
+    # "patch": one conv of stride patch_size (every pretrained layout); "cnn", "conv": see ConvStem
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -67,12 +72,13 @@ class QFormerConfig:
     depth: int = 12
     heads: int = 12
     mlp_dim: int = 3072
-    cross_every: int = 2  # cross-attention in layers 0, k, 2k, ... (BLIP-2's cross_attention_frequency)
+    cross_every: int = 2  # cross-attention in layers 0, k, 2k, ... (cross_attention_frequency)
     vision_width: int = 1408
     out_dim: int = 4096
     norm_eps: float = 1e-12
     act: str = "gelu"
-    pooled_queries: bool = False  # each query starts with its region of the image grid, average-pooled (QFormer.pool_regions)
+    # each query starts with its region of the image grid, average-pooled (QFormer.pool_regions)
+    pooled_queries: bool = False
 
 
 # -----------------------------------------------------------------------------
@@ -97,10 +103,12 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `kv_dim` set makes it cross-attention (queries from x, keys/values from ctx).
+    """Multi-head attention; with `kv_dim` it is cross-attention (queries from x, keys/values from
+    ctx).
 
     One layout for every checkpoint: self-attention has one fused `qkv` Linear with a bias (EVA is
-    stored fused; CLIP/SigLIP's q/k/v are concatenated at load time), cross-attention a `q` and a fused `kv`.
+    stored fused; CLIP/SigLIP's q/k/v are concatenated at load time), cross-attention a `q` and
+    a fused `kv`.
     """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
@@ -119,7 +127,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).split(C, dim=-1)
         else:
             q, (k, v) = self.q(x), self.kv(ctx).split(C, dim=-1)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        nh, hs = self.heads, C // self.heads
+        q, k, v = (t.view(B, -1, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v)  # no mask: every token sees every token
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -140,15 +149,17 @@ class Block(nn.Module):
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], class_token: bool) -> torch.Tensor:
-    """(1, [1 +] g*g, D) learned position embeddings of a square g x g grid -> the new (gh, gw) grid,
-    bicubic, as Hugging Face's `interpolate_pos_encoding` does (the class token's entry is kept)."""
+    """(1, [1 +] g*g, D) learned position embeddings of a square g x g grid -> the new (gh, gw)
+    grid, bicubic, as Hugging Face's `interpolate_pos_encoding` does; the class token's entry is
+    kept."""
     cls, patch = (pos[:, :1], pos[:, 1:]) if class_token else (pos[:, :0], pos)
     g, D = math.isqrt(patch.shape[1]), patch.shape[2]
     assert g * g == patch.shape[1], f"position grid of {patch.shape[1]} entries is not square"
     if (g, g) == tuple(grid):
         return pos
     patch = patch.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False)
+    patch = patch.to(pos.dtype)
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)], dim=1)
 
 
@@ -158,7 +169,7 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], class_token: bool
 
 def sincos_2d(grid: int, dim: int):
     """(grid*grid, dim) fixed 2-D position code: half the channels encode the row, half the column,
-    each as sines and cosines of geometrically spaced frequencies (Vaswani et al. 2017, per axis)."""
+    each as sines and cosines of geometrically spaced frequencies (Vaswani et al. 2017, by axis)."""
     assert dim % 4 == 0, "2-D sine-cosine positions need a width divisible by 4"
     freq = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
     pos = torch.arange(grid, dtype=torch.float32)
@@ -171,33 +182,37 @@ def sincos_2d(grid: int, dim: int):
 
 class ConvStem(nn.Sequential):
     """A convolutional patch embedding for training from scratch on few images: the "hybrid" ViT of
-    Dosovitskiy et al. 2020, whose tokens are a CNN's feature map. Per halving of the resolution (log2
-    patch_size of them) two 3x3 convs with BatchNorm and ReLU, then 2x2 max-pooling, channels doubling
-    up to width/2 (VGG-style, the blocks of a plain CNN box regressor); then a 1x1 conv to the width.
-    `light` has one 3x3 stride-2 conv per halving instead (Xiao et al. 2021, "Early Convolutions Help
-    Transformers See Better"). The same token grid as a patch embedding."""
+    Dosovitskiy et al. 2020, whose tokens are a CNN's feature map. Per halving of the resolution
+    (log2 patch_size of them) two 3x3 convs with BatchNorm and ReLU, then 2x2 max-pooling, channels
+    doubling up to width/2 (VGG-style, the blocks of a plain CNN box regressor); then a 1x1 conv to
+    the width. `light` has one 3x3 stride-2 conv per halving instead (Xiao et al. 2021, "Early
+    Convolutions Help Transformers See Better"). The same token grid as a patch embedding."""
 
     def __init__(self, channels: int, width: int, patch_size: int, light: bool = False):
         n = int(math.log2(patch_size))
         if 2**n != patch_size or n < 1:
             raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
-        chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]  # (C, ..., width/4, width/2)
+        chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]  # C, ..., width/2
         layers = []
         for a, b in zip(chans[:-1], chans[1:]):
             if light:
-                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b),
+                           nn.ReLU()]
             else:
                 layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
-                           nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
+                           nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+                           nn.MaxPool2d(2)]
         super().__init__(*layers, nn.Conv2d(chans[-1], width, 1))
 
     def flops(self, image_size: int) -> list[int]:
-        """Forward FLOPs of each conv for one image (2 per multiply-add; BatchNorm, ReLU, pooling not counted)."""
+        """Forward FLOPs of each conv for one image: 2 per multiply-add; BatchNorm, ReLU and pooling
+        not counted."""
         side, out = image_size, []
         for m in self:
             if isinstance(m, nn.Conv2d):
                 side //= m.stride[0]
-                out.append(2 * side * side * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1])
+                kh, kw = m.kernel_size
+                out.append(2 * side * side * m.in_channels * m.out_channels * kh * kw)
             elif isinstance(m, nn.MaxPool2d):
                 side //= 2
         return out
@@ -207,8 +222,8 @@ class ViT(nn.Module):
     """Vision transformer; returns all tokens (B, [1 +] grid*grid, width), class token first if any.
 
     The output equals Hugging Face's `last_hidden_state`: for BLIP-2 (and SigLIP) that includes
-    `post_layernorm` over all tokens (final_norm=True); CLIP applies its `post_layernorm` only to the
-    pooled class token, so for CLIP we return the un-normed tokens and do not load that norm.
+    `post_layernorm` over all tokens (final_norm=True); CLIP applies its `post_layernorm` only to
+    the pooled class token, so for CLIP we return the un-normed tokens and do not load that norm.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -220,7 +235,8 @@ class ViT(nn.Module):
         if cfg.stem != "patch":
             self.patch_embed = ConvStem(C, D, cfg.patch_size, light=cfg.stem == "conv")
         else:
-            self.patch_embed = nn.Conv2d(C, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+            p = cfg.patch_size
+            self.patch_embed = nn.Conv2d(C, D, p, stride=p, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, int(cfg.class_token) + cfg.grid**2, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -229,10 +245,11 @@ class ViT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """From-scratch init: Linear/conv weights and the class token N(0, 0.02), biases 0, LayerNorms
-        1/0; position embeddings start as 2-D sine-cosine (MAE, He et al. 2021), so every patch knows
-        where it is from the first step (they still train). The conv stem keeps PyTorch's default (fan-in
-        scaled) init: std 0.02 over stacked small convs would shrink the signal at every layer."""
+        """From-scratch init: Linear/conv weights and the class token N(0, 0.02), biases 0,
+        LayerNorms 1/0; position embeddings start as 2-D sine-cosine (MAE, He et al. 2021), so every
+        patch knows where it is from the first step (they still train). The conv stem keeps
+        PyTorch's default (fan-in scaled) init: std 0.02 over stacked small convs would shrink the
+        signal at every layer."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and self.cfg.stem != "patch":
                 continue
@@ -240,20 +257,32 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if self.cfg.stem == "patch":  # LeCun normal: unit-scale patch embeddings beside the unit-scale positions
-            nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_embed.weight[0].numel() ** -0.5)
+        if self.cfg.stem == "patch":  # LeCun normal: unit-scale patches beside unit-scale positions
+            w = self.patch_embed.weight
+            nn.init.trunc_normal_(w, std=w[0].numel() ** -0.5)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         with torch.no_grad():
             self.pos_embed.zero_()
-            self.pos_embed[0, int(self.cls_token is not None):] = sincos_2d(self.cfg.grid, self.cfg.width)
+            first = int(self.cls_token is not None)  # the class token keeps zeros
+            self.pos_embed[0, first:] = sincos_2d(self.cfg.grid, self.cfg.width)
 
     def stem_flops(self) -> list[int]:
-        """Forward FLOPs of the patch embedding's convs for one image at cfg.image_size, in order."""
+        """Forward FLOPs of the patch embedding's convs, in order, for one image at image_size."""
         c = self.cfg
         if c.stem == "patch":
             return [2 * c.grid ** 2 * c.channels * c.patch_size ** 2 * c.width]
         return self.patch_embed.flops(c.image_size)
+
+    def flops(self) -> int:
+        """Forward FLOPs of the transformer blocks for one image at cfg.image_size (the patch
+        embedding's are stem_flops): 2 per multiply-add of every matmul, attention over the full
+        T x T square (as LLaMA.attention_flops)."""
+        c = self.cfg
+        T = c.grid ** 2 + int(c.class_token)  # tokens per image
+        matmuls = 2 * T * (4 * c.width ** 2 + 2 * c.width * c.mlp_dim)  # qkv, out, MLP
+        attention = 4 * T ** 2 * c.width  # scores and weighted values
+        return c.depth * (matmuls + attention)
 
     def forward(self, x):
         B, _, H, W = x.shape
@@ -273,22 +302,25 @@ class ViT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, image_size: int | None = None) -> "ViT":
-        """Load the vision tower of a BLIP-2, CLIP or SigLIP checkpoint folder (config.json + safetensors).
-        With image_size, position embeddings are interpolated (bicubic) to that size's grid."""
+        """Load the vision tower of a BLIP-2, CLIP or SigLIP checkpoint folder (config.json and
+        safetensors). With image_size, position embeddings are resized (bicubic) to its grid."""
         folder = Path(folder)
         layout, vcfg = vision_layout(folder)
         cfg = vit_config_from_hf(layout, vcfg)
         index = safetensors_index(folder)
-        # whole models and CLIPVisionModel keep the tower under `vision_model.`; a tower saved alone may not
+        # whole models and CLIPVisionModel keep the tower under `vision_model.`, a tower saved
+        # alone may not
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in index) else ""
         ckpt_size = cfg.image_size
         if image_size is not None:
             cfg.image_size = image_size
         model = cls(cfg)
-        mapping, transforms = vit_mapping(cfg, layout, prefix, ckpt_grid=ckpt_size // cfg.patch_size)
+        ckpt_grid = ckpt_size // cfg.patch_size
+        mapping, transforms = vit_mapping(cfg, layout, prefix, ckpt_grid=ckpt_grid)
         ignore = VIT_IGNORE[layout]
         keys = [k for k in index if k.startswith(prefix) and not _ignored(k[len(prefix):], ignore)]
-        load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
+        tensors = load_safetensors(folder, set(keys))
+        load_mapped(model, tensors, mapping, transforms, source=str(folder))
         return model
 
 
@@ -316,32 +348,35 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """Learned queries read the image tokens through cross-attention; a Linear maps them to the LLM width."""
+    """Learned queries read the image tokens by cross-attention; a Linear maps them to LLM width."""
 
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.cfg = cfg
         self.query = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.width))
-        self.norm_in = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # BLIP-2 normalises the queries first
-        self.layers = nn.ModuleList([QFormerLayer(cfg, i % cfg.cross_every == 0) for i in range(cfg.depth)])
+        self.norm_in = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # BLIP-2 normalises queries first
+        cross = [i % cfg.cross_every == 0 for i in range(cfg.depth)]
+        self.layers = nn.ModuleList([QFormerLayer(cfg, c) for c in cross])
         self.proj = nn.Linear(cfg.width, cfg.out_dim)
         self.pool_proj = nn.Linear(cfg.vision_width, cfg.width) if cfg.pooled_queries else None
         self.init_weights()
 
     def init_weights(self):
-        """From-scratch init: queries N(0, 0.02); Linear layers PyTorch's default, U(+-1/sqrt(fan_in)),
-        which scales with the width. BERT's fixed std 0.02 suits width 768; at small widths it makes the
-        cross-attention's output tiny next to the queries in these post-norm layers: the image barely
-        reaches the output."""
+        """From-scratch init: queries N(0, 0.02); Linear layers PyTorch's default,
+        U(+-1/sqrt(fan_in)), which scales with the width. BERT's fixed std 0.02 suits width 768; at
+        small widths it makes the cross-attention's output tiny next to the queries in these
+        post-norm layers: the image barely reaches the output."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
         nn.init.trunc_normal_(self.query, std=0.02)
 
     def forward_features(self, img):
-        """img (B, T, vision_width) -> (B, num_query, width), before `proj` (Hugging Face's last_hidden_state)."""
+        """img (B, T, vision_width) -> (B, num_query, width), before `proj`: Hugging Face's
+        last_hidden_state."""
         if img.shape[-1] != self.cfg.vision_width:
-            raise ValueError(f"image tokens have width {img.shape[-1]}, the Q-Former expects {self.cfg.vision_width}")
+            raise ValueError(f"image tokens have width {img.shape[-1]}, "
+                             f"the Q-Former expects {self.cfg.vision_width}")
         x = self.query.expand(img.shape[0], -1, -1)  # (B, Q, width)
         if self.pool_proj is not None:
             x = x + self.pool_proj(self.pool_regions(img))
@@ -353,16 +388,31 @@ class QFormer(nn.Module):
     def forward(self, img):
         return self.proj(self.forward_features(img))  # (B, Q, out_dim)
 
+    def flops(self, keys: int) -> dict[str, int]:
+        """Forward FLOPs of one pass over `keys` image tokens, by part, since the parts' backward
+        costs differ (see MiniGPT.flops_per_sample): "layers" (self-attention, MLPs,
+        cross-attention's q and out projections and attention), "kv" (cross-attention's keys and
+        values of the image tokens), "pooled" (pool_proj) and "proj" (to the LLM's width). 2 per
+        multiply-add, pooling not counted."""
+        c, Q = self.cfg, self.cfg.num_query
+        n_cross = len(range(0, c.depth, c.cross_every))
+        layer = 2 * Q * (4 * c.width ** 2 + 2 * c.width * c.mlp_dim) + 4 * Q * Q * c.width
+        cross = 2 * Q * 2 * c.width ** 2 + 4 * Q * keys * c.width
+        return dict(layers=c.depth * layer + n_cross * cross,
+                    kv=n_cross * 2 * keys * 2 * c.vision_width * c.width,
+                    pooled=2 * Q * c.vision_width * c.width if c.pooled_queries else 0,
+                    proj=2 * Q * c.width * c.out_dim)
+
     def pool_regions(self, img):
-        """img (B, [1 +] g*g, W) ViT tokens -> (B, Q, W): the g x g grid average-pooled to Q = qh x qw
-        regions (qh the largest divisor of Q up to its square root), in row-major order.
+        """img (B, [1 +] g*g, W) ViT tokens -> (B, Q, W): the g x g grid average-pooled to Q = qh x
+        qw regions (qh the largest divisor of Q up to its square root), in row-major order.
 
         With pooled_queries, query k starts as its learned vector plus its region's pooled tokens: a
-        locality-preserving projector (Cha et al. 2024, Honeybee's C-Abstractor, pools the same way).
-        Plain learned queries first attend almost uniformly, so every query reads about the image's
-        mean; a pooled query carries its region's content and place from the first step. (Alone it did
-        not lift the from-scratch recipe off the mean box; with the CNN stem and the patch loss it
-        helped on one set and tied on another: README, Results.)"""
+        locality-preserving projector (Cha et al. 2024, Honeybee's C-Abstractor, pools the same
+        way). Plain learned queries first attend almost uniformly, so every query reads about the
+        image's mean; a pooled query carries its region's content and place from the first step.
+        (Alone it did not lift the from-scratch recipe off the mean box; with the CNN stem and the
+        patch loss it helped on one set and tied on another: docs/results.md.)"""
         B, T, W = img.shape
         g = math.isqrt(T)
         if g * g != T:  # a class token first
@@ -376,12 +426,14 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, out_dim: int) -> "QFormer":
-        """Load `query_tokens` and `qformer.*` of a BLIP-2 folder. `proj` takes `language_projection` when
-        its shape fits out_dim; otherwise it stays freshly initialised (MiniGPT-4 trains its own)."""
+        """Load `query_tokens` and `qformer.*` of a BLIP-2 folder. `proj` takes
+        `language_projection` when its shape fits out_dim, else keeps its fresh init (MiniGPT-4
+        trains its own)."""
         folder = Path(folder)
         layout, _ = vision_layout(folder)
         if layout != "blip2":
-            raise CheckpointError(f"{folder}: a Q-Former loads only from a BLIP-2 checkpoint, this one is {layout}")
+            raise CheckpointError(f"{folder}: a Q-Former loads only from a BLIP-2 checkpoint, "
+                                  f"this one is {layout}")
         hf = _read_config(folder)
         q = hf.get("qformer_config") or {}
         cfg = QFormerConfig(
@@ -406,8 +458,10 @@ class QFormer(nn.Module):
             mapping |= {"proj.weight": None, "proj.bias": None}  # keep the fresh init
         ours = [k for k in index if k == "query_tokens" or k.startswith("qformer.")]
         keys = [k for k in ours if not _ignored(k, QFORMER_IGNORE)]
-        keys += [k for k in mapping.values() if isinstance(k, str) and k.startswith("language_projection.")]
-        load_mapped(model, load_safetensors(folder, set(keys)), mapping, transforms, source=str(folder))
+        keys += [k for k in mapping.values()
+                 if isinstance(k, str) and k.startswith("language_projection.")]
+        tensors = load_safetensors(folder, set(keys))
+        load_mapped(model, tensors, mapping, transforms, source=str(folder))
         return model
 
 
@@ -415,13 +469,9 @@ class QFormer(nn.Module):
 # reading checkpoints
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, of another architecture, or does not match the model."""
-
-
 def safetensors_index(folder) -> dict[str, Path]:
-    """Every tensor name in a folder -> the file holding it: `model.safetensors`, or the shards listed in
-    `model.safetensors.index.json` (Hugging Face's layout for large models)."""
+    """Every tensor name in a folder -> the file holding it: `model.safetensors`, or the shards
+    listed in `model.safetensors.index.json` (Hugging Face's layout for large models)."""
     folder = Path(folder)
     index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
     if index.exists():
@@ -431,12 +481,14 @@ def safetensors_index(folder) -> dict[str, Path]:
         with safe_open(str(single), "pt") as f:
             return {k: single for k in f.keys()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else "no such folder"
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {found})")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          f"(found: {found})")
 
 
 def load_safetensors(folder, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `wanted` (all when None) from one file or many shards. Files are opened
-    lazily and only the wanted tensors are read; names the folder lacks are left out (see load_mapped)."""
+    """Read the tensors named in `wanted` (all when None) from one file or many shards. Files are
+    opened lazily and only the wanted tensors are read; names the folder lacks are left out (see
+    load_mapped)."""
     index = safetensors_index(folder)
     by_file: dict[Path, list[str]] = {}
     for k, f in index.items():
@@ -452,17 +504,19 @@ def load_safetensors(folder, wanted: set[str] | None = None) -> dict[str, torch.
     return out
 
 
-def load_mapped(module: nn.Module, tensors: dict, mapping: dict, transforms: dict | None = None, source="checkpoint"):
+def load_mapped(module: nn.Module, tensors: dict, mapping: dict, transforms: dict | None = None,
+                source="checkpoint"):
     """Copy checkpoint tensors into `module` by an explicit table.
 
     mapping: our parameter name -> checkpoint name, a tuple of names (concatenated on dim 0 unless a
-    transform says otherwise), or None (keep our init). transforms: our name -> f(*ckpt tensors) -> tensor.
-    Every tensor in `tensors` must be used. All missing, unexpected and wrongly shaped tensors are
-    collected and raised together in one CheckpointError naming each.
+    transform says otherwise), or None (keep our init). transforms: our name -> f(*ckpt tensors) ->
+    tensor. Every tensor in `tensors` must be used. All missing, unexpected and wrongly shaped
+    tensors are collected and raised together in one CheckpointError naming each.
     """
     transforms = transforms or {}
     params = module.state_dict()
-    assert set(mapping) == set(params), f"mapping table out of date: {sorted(set(mapping) ^ set(params))}"
+    stale = sorted(set(mapping) ^ set(params))
+    assert not stale, f"mapping table out of date: {stale}"
     missing, shapes, used = [], [], set()
     with torch.no_grad():
         for ours, theirs in mapping.items():
@@ -475,7 +529,8 @@ def load_mapped(module: nn.Module, tensors: dict, mapping: dict, transforms: dic
                 missing += absent
                 continue
             src = [tensors[n] for n in names]
-            fn = transforms.get(ours, (lambda *t: t[0]) if len(src) == 1 else (lambda *t: torch.cat(t, dim=0)))
+            same = (lambda *t: t[0]) if len(src) == 1 else (lambda *t: torch.cat(t, dim=0))
+            fn = transforms.get(ours, same)
             try:
                 value = fn(*src)
             except RuntimeError:  # e.g. a reshape of a tensor of the wrong size
@@ -484,7 +539,7 @@ def load_mapped(module: nn.Module, tensors: dict, mapping: dict, transforms: dic
                 got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, src))
                 shapes.append(f"{got} -> {ours} expects {tuple(params[ours].shape)}")
                 continue
-            params[ours].copy_(value)  # state_dict shares storage with the parameters; casts the dtype
+            params[ours].copy_(value)  # state_dict shares the parameters' storage; casts the dtype
     unexpected = sorted(set(tensors) - used)
     if missing or shapes or unexpected:
         lines = [f"{source}: checkpoint does not match {type(module).__name__}"]
@@ -507,8 +562,10 @@ def _shape(index: dict, key: str) -> tuple:
 
 
 def _ignored(key: str, patterns: tuple[str, ...]) -> bool:
-    # "*" stands for one dotted part (a layer number); a pattern ending in "." matches everything below it
-    rx = (re.escape(p).replace(r"\*", r"[^.]+") + (".*" if p.endswith(".") else "") for p in patterns)
+    # "*" stands for one dotted part (a layer number); a pattern ending in "." matches everything
+    # below it
+    rx = (re.escape(p).replace(r"\*", r"[^.]+") + (".*" if p.endswith(".") else "")
+          for p in patterns)
     return any(re.fullmatch(r, key) for r in rx)
 
 
@@ -525,12 +582,15 @@ ARCHITECTURES = {"Blip2": "blip2", "CLIP": "clip", "Siglip": "siglip"}
 # tensors under the vision prefix we knowingly skip, with the reason
 VIT_IGNORE = {
     "blip2": (),
-    # post_layernorm: CLIP applies it to the pooled token only; position_ids: a buffer older files stored
+    # post_layernorm: CLIP applies it to the pooled token only; position_ids: a buffer older files
+    # stored
     "clip": ("post_layernorm.", "embeddings.position_ids"),
-    "siglip": ("head.", "embeddings.position_ids"),  # head: attention-pooling head for the contrastive loss
+    # head: the attention-pooling head of the contrastive loss
+    "siglip": ("head.", "embeddings.position_ids"),
 }
 # text-side Q-Former tensors (ITM checkpoints, BERT embeddings) that queries never use
-QFORMER_IGNORE = ("qformer.embeddings.", "qformer.encoder.layer.*.intermediate.", "qformer.encoder.layer.*.output.")
+QFORMER_IGNORE = ("qformer.embeddings.", "qformer.encoder.layer.*.intermediate.",
+                  "qformer.encoder.layer.*.output.")
 
 
 def vision_layout(folder: Path) -> tuple[str, dict]:
@@ -539,14 +599,15 @@ def vision_layout(folder: Path) -> tuple[str, dict]:
     mt = hf.get("model_type", "")
     archs = hf.get("architectures") or []
     layout = LAYOUTS.get(mt)
-    for a in archs if layout is None else ():  # an old config without model_type: try the architectures
+    for a in archs if layout is None else ():  # an old config without model_type: architectures
         layout = layout or next((v for k, v in ARCHITECTURES.items() if a.startswith(k)), None)
     if layout is None:
         raise CheckpointError(
-            f"{folder}: model_type {mt!r} (architectures {archs}) is not a vision checkpoint this loader reads; "
-            "expected a BLIP-2 ('blip-2'), CLIP ('clip') or SigLIP ('siglip') folder"
+            f"{folder}: model_type {mt!r} (architectures {archs}) is not a vision checkpoint this "
+            "loader reads; expected a BLIP-2 ('blip-2'), CLIP ('clip') or SigLIP ('siglip') folder"
         )
-    standalone = mt.endswith("_vision_model")  # a vision tower saved alone: config.json is the vision config
+    # a vision tower saved alone: config.json is the vision config
+    standalone = mt.endswith("_vision_model")
     return layout, hf if standalone else hf.get("vision_config") or {}
 
 
@@ -558,11 +619,14 @@ def vit_config_from_hf(layout: str, v: dict) -> ViTConfig:
     act = v.get("hidden_act", d[6])
     act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
     if act not in ACTS:
-        raise CheckpointError(f"vision_config.hidden_act {act!r} is not supported (supported: {sorted(ACTS)})")
+        raise CheckpointError(f"vision_config.hidden_act {act!r} is not supported "
+                              f"(supported: {sorted(ACTS)})")
     if layout == "blip2" and not v.get("qkv_bias", True):
-        raise CheckpointError("vision_config.qkv_bias = false is not supported (EVA ViT-g has q and v biases)")
+        raise CheckpointError("vision_config.qkv_bias = false is not supported "
+                              "(EVA ViT-g has q and v biases)")
     return ViTConfig(
-        image_size=v.get("image_size", d[0]), patch_size=v.get("patch_size", d[1]), width=v.get("hidden_size", d[2]),
+        image_size=v.get("image_size", d[0]), patch_size=v.get("patch_size", d[1]),
+        width=v.get("hidden_size", d[2]),
         depth=v.get("num_hidden_layers", d[3]), heads=v.get("num_attention_heads", d[4]),
         mlp_dim=v.get("intermediate_size", d[5]), act=act, norm_eps=v.get("layer_norm_eps", d[7]),
         channels=v.get("num_channels", 3),
@@ -573,10 +637,11 @@ def vit_config_from_hf(layout: str, v: dict) -> ViTConfig:
 
 def vit_mapping(cfg: ViTConfig, layout: str, prefix: str, ckpt_grid: int):
     """Our ViT's names -> Hugging Face names, and the transforms between them:
-    - class/position embeddings: BLIP-2 stores (1, 1, D) / (1, T, D) Parameters, CLIP/SigLIP a (D,) vector
-      and an nn.Embedding (T, D); all become (1, ., D), and positions are resized to our grid.
-    - attention: BLIP-2's qkv is already fused as ours (its bias holds q, zeros for k, v); CLIP/SigLIP
-      store q_proj/k_proj/v_proj, concatenated on the output dimension.
+    - class/position embeddings: BLIP-2 stores (1, 1, D) / (1, T, D) Parameters, CLIP/SigLIP a
+      (D,) vector and an nn.Embedding (T, D); all become (1, ., D), and positions are resized to
+      our grid.
+    - attention: BLIP-2's qkv is already fused as ours (its bias holds q, zeros for k, v);
+      CLIP/SigLIP store q_proj/k_proj/v_proj, concatenated on the output dimension.
     """
     P, D = prefix, cfg.width
     e = P + "embeddings."
@@ -599,7 +664,8 @@ def vit_mapping(cfg: ViTConfig, layout: str, prefix: str, ckpt_grid: int):
             m["cls_token"] = e + "class_embedding"
             t["cls_token"] = lambda c: c.reshape(1, 1, D)
     if cfg.pre_norm:
-        m |= {"norm_pre.weight": P + "pre_layrnorm.weight", "norm_pre.bias": P + "pre_layrnorm.bias"}  # [sic]
+        m |= {"norm_pre.weight": P + "pre_layrnorm.weight",  # [sic]
+              "norm_pre.bias": P + "pre_layrnorm.bias"}
     if cfg.final_norm:
         m |= {"norm.weight": P + "post_layernorm.weight", "norm.bias": P + "post_layernorm.bias"}
     for i in range(cfg.depth):
@@ -621,16 +687,18 @@ def vit_mapping(cfg: ViTConfig, layout: str, prefix: str, ckpt_grid: int):
 
 
 def qformer_mapping(cfg: QFormerConfig):
-    """Our Q-Former's names -> BLIP-2's (`qformer.*`, a BERT encoder). BERT keeps query/key/value apart;
-    we fuse self-attention's into `qkv` and cross-attention's key/value into `kv` (cat on dim 0).
-    The query feed-forward is BLIP-2's `intermediate_query`/`output_query` (the text one is skipped)."""
+    """Our Q-Former's names -> BLIP-2's (`qformer.*`, a BERT encoder). BERT keeps query/key/value
+    apart; we fuse self-attention's into `qkv` and cross-attention's key/value into `kv`
+    (concatenated on dim 0). The query feed-forward is BLIP-2's `intermediate_query`/`output_query`;
+    the text one is skipped."""
     m = {"query": "query_tokens"}
     m |= {"norm_in.weight": "qformer.layernorm.weight", "norm_in.bias": "qformer.layernorm.bias"}
     for i in range(cfg.depth):
         o, h = f"layers.{i}.", f"qformer.encoder.layer.{i}."
         for wb in ("weight", "bias"):
             a = h + "attention."
-            m[o + f"attn.qkv.{wb}"] = tuple(a + f"attention.{x}.{wb}" for x in ("query", "key", "value"))
+            qkv = ("query", "key", "value")
+            m[o + f"attn.qkv.{wb}"] = tuple(a + f"attention.{x}.{wb}" for x in qkv)
             m[o + f"attn.proj.{wb}"] = a + f"output.dense.{wb}"
             m[o + f"norm1.{wb}"] = a + f"output.LayerNorm.{wb}"
             if i % cfg.cross_every == 0:

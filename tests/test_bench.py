@@ -1,9 +1,10 @@
-"""Tests for bench.py: it runs and prints its JSON lines, FLOPs equal a hand count, compiled and eager
-training steps agree, and the decode paths give the boxes of a plain argmax loop. No timing is asserted.
+"""Tests for bench.py: it runs and prints its JSON lines, FLOPs equal a hand count, compiled and
+eager training steps agree, and the decode paths give the boxes of a plain argmax loop. No timing is
+asserted.
 
-Compiling the tiny training step (forward and backward, inductor with gcc) took 78 s cold on 2 shared
-cores (8 s with a warm inductor cache), so that test runs only with MINIGPT_COMPILE_TESTS=1; compiling
-the decode step took 17 s cold and always runs."""
+Compiling the tiny training step (forward and backward, inductor with gcc) took 78 s cold on 2
+shared cores (8 s with a warm inductor cache), so that test runs only with MINIGPT_COMPILE_TESTS=1;
+compiling the decode step took 17 s cold and always runs."""
 
 import copy
 import json
@@ -16,7 +17,8 @@ import bench
 from model import MiniGPT
 
 COMPILE_SLOW = pytest.mark.skipif(os.environ.get("MINIGPT_COMPILE_TESTS") != "1",
-                                  reason="torch.compile on CPU is slow; set MINIGPT_COMPILE_TESTS=1 to run")
+                                  reason="torch.compile on CPU is slow; "
+                                         "set MINIGPT_COMPILE_TESTS=1 to run")
 
 
 def has_transformers():
@@ -32,7 +34,8 @@ def test_bench_tiny_prints_json_lines(peer):
     if peer and not has_transformers():
         pytest.skip("transformers not installed")
     lines = []
-    argv = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--answers", "2", "--batch-size", "2"]
+    argv = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--answers", "2",
+            "--batch-size", "2"]
     records = bench.main(argv + (["--peer"] if peer else []), out=lines.append)
     assert [json.loads(l) for l in lines] == records
     by_kind = {}
@@ -40,9 +43,11 @@ def test_bench_tiny_prints_json_lines(peer):
         by_kind.setdefault(r["kind"], []).append(r)
     assert {"peak", "shape", "loss", "train", "answer"} <= set(by_kind)
     train = by_kind["train"][0]
-    for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "mfu", "peak_memory_mb"):
+    for key in ("step_s", "samples_per_s", "tokens_per_s", "flops_per_step", "mfu",
+                "peak_memory_mb"):
         assert train[key] > 0, key
-    cached = by_kind["train"][-1]  # train.py --cache-features: the frozen ViT's output computed beforehand
+    # train.py --cache-features: the frozen ViT's output computed beforehand
+    cached = by_kind["train"][-1]
     assert cached.get("cached_vit_features") and cached["step_s"] > 0
     answer = by_kind["answer"][0]
     assert answer["latency_ms"] > 0 and len(answer["box"]) == 4
@@ -69,10 +74,10 @@ def test_large_shapes_build_on_meta_on_cpu():
 
 
 def hand_flops(cfg) -> int:
-    """FLOPs of one training sample of a bench shape (frozen ViT, everything else trained), by listing
-    every matmul: mm(m, k, n) = 2 m k n. Backward: a matmul whose input and weight both need gradients
-    costs 2 more forwards, one whose input needs none (the Q-Former reading the frozen image tokens)
-    1 more; the frozen ViT has no backward at all (nothing before it trains)."""
+    """FLOPs of one training sample of a bench shape (frozen ViT, everything else trained), by
+    listing every matmul: mm(m, k, n) = 2 m k n. Backward: a matmul whose input and weight both need
+    gradients costs 2 more forwards, one whose input needs none (the Q-Former reading the frozen
+    image tokens) 1 more; the frozen ViT has no backward at all (nothing before it trains)."""
     mm = lambda m, k, n: 2 * m * k * n
     v, q, l, N = cfg.vit, cfg.qformer, cfg.llm, cfg.n_images
     G = (v.image_size // v.patch_size) ** 2
@@ -80,14 +85,16 @@ def hand_flops(cfg) -> int:
     vit = mm(G, 3 * v.patch_size ** 2, v.width)  # the patch embedding is a matmul over patches
     for _ in range(v.depth):
         vit += mm(T, v.width, 3 * v.width) + mm(T, v.width, v.width)  # qkv, out projection
-        vit += mm(T, v.width, T) + mm(T, T, v.width)  # scores and weighted values, summed over heads
+        # scores and weighted values, summed over heads
+        vit += mm(T, v.width, T) + mm(T, T, v.width)
         vit += mm(T, v.width, v.mlp_dim) + mm(T, v.mlp_dim, v.width)
     Q, w = q.num_query, q.width
     grads3 = grads2 = 0
     for i in range(q.depth):
         grads3 += mm(Q, w, 3 * w) + mm(Q, w, w) + mm(Q, w, Q) + mm(Q, Q, w)  # self-attention
         if i % q.cross_every == 0:
-            grads3 += mm(Q, w, w) + mm(Q, w, T) + mm(Q, T, w) + mm(Q, w, w)  # cross: q, scores, values, out
+            # cross: q, scores, values, out
+            grads3 += mm(Q, w, w) + mm(Q, w, T) + mm(Q, T, w) + mm(Q, w, w)
             grads2 += mm(T, q.vision_width, 2 * w)  # keys and values of the frozen image tokens
         grads3 += mm(Q, w, q.mlp_dim) + mm(Q, q.mlp_dim, w)
     grads3 += mm(Q, w, q.out_dim)  # to the LLM's width
@@ -98,7 +105,8 @@ def hand_flops(cfg) -> int:
     llm = 0
     for _ in range(l.n_layers):
         llm += mm(S, l.dim, l.dim) + 2 * mm(S, l.dim, kv) + mm(S, l.dim, l.dim)  # q, k, v, o
-        llm += mm(S, l.dim, S) + mm(S, S, l.dim)  # full square, as the model and FlopCounterMode count it
+        # full square, as the model and FlopCounterMode count it
+        llm += mm(S, l.dim, S) + mm(S, S, l.dim)
         llm += 3 * mm(S, l.dim, l.hidden_dim)  # gate, up, down
     llm += mm(L, l.dim, l.vocab_size)  # the head, only where an answer token is predicted
     return N * vit + N * (3 * grads3 + 2 * grads2) + 3 * llm
@@ -106,11 +114,12 @@ def hand_flops(cfg) -> int:
 
 def test_flops_per_step_equals_hand_count():
     cfg, B = bench.shape_config("tiny")
-    (shape,) = [r for r in bench.main(["--shape", "tiny", "--no-train", "--no-answer", "--batch-size", "3"],
+    (shape,) = [r for r in bench.main(["--shape", "tiny", "--no-train", "--no-answer",
+                                       "--batch-size", "3"],
                                       out=lambda line: None) if r["kind"] == "shape"]
     assert shape["flops_per_step"] == 3 * hand_flops(cfg)
-    # a full-sequence count (head at every position) gives about 107 TFLOP per step at minigpt4-1b; ours leaves out the head
-    # at prompt positions, so a little less
+    # a full-sequence count (head at every position) gives about 107 TFLOP per step at minigpt4-1b;
+    # ours leaves out the head at prompt positions, so a little less
     cfg, B = bench.shape_config("minigpt4-1b")
     assert 0.9 < B * hand_flops(cfg) / 107e12 < 1.0
 
@@ -131,8 +140,9 @@ def tiny_model(seed=0):
 
 @pytest.mark.parametrize("box_head", ["tokens", "regress"])
 def test_training_forward_and_decode_step_are_single_graphs(box_head):
-    """What --compile compiles traces as one graph with no breaks (dynamo's explain: tracing only, no
-    code generation, so it is quick): the training forward (images or cached ViT tokens) and the decode step."""
+    """What --compile compiles traces as one graph with no breaks (dynamo's explain: tracing only,
+    no code generation, so it is quick): the training forward (images or cached ViT tokens) and the
+    decode step."""
     cfg, _ = bench.shape_config("tiny")
     cfg.box_head = box_head
     torch.manual_seed(0)
@@ -140,15 +150,16 @@ def test_training_forward_and_decode_step_are_single_graphs(box_head):
     model.freeze(vit=True)
     images, answer, mask = bench.random_batch(cfg, 2, "cpu")
     boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8]])
-    tokens = model.vit_tokens(images)
-    for args in [(images, answer, mask, boxes), (None, answer, mask, boxes, tokens)]:
+    feats = model.vit_features(images)
+    for args in [(images, answer, mask, boxes), (None, answer, mask, boxes, feats)]:
         torch._dynamo.reset()
         e = torch._dynamo.explain(model)(*args)
         assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
     model.eval()
     model.llm.setup_cache(2, model.prompt_len + 4, torch.float32, torch.device("cpu"))
     torch._dynamo.reset()
-    e = torch._dynamo.explain(model.decode_step)(torch.tensor([5, 6]), torch.tensor([model.prompt_len]))
+    e = torch._dynamo.explain(model.decode_step)(torch.tensor([5, 6]),
+                                                 torch.tensor([model.prompt_len]))
     assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
     torch._dynamo.reset()
 
@@ -163,11 +174,13 @@ def test_compiled_and_eager_training_steps_agree():
     for i in range(3):  # the later steps run on weights after AdamW updates
         le, lc = step_e(*batch), step_c(*batch)
         assert torch.allclose(le, lc, rtol=1e-5), (i, le, lc)
-        if i == 0:  # the same gradients (clipped); not the same weights later: Adam's 1/sqrt(v) turns
-            # float noise in near-zero gradients into steps of up to lr
+        # the same gradients (clipped); not the same weights later: Adam's 1/sqrt(v) turns
+        # float noise in near-zero gradients into steps of up to lr
+        if i == 0:
             for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
                 if a.requires_grad:
-                    assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-7, name  # inductor reorders sums
+                    # inductor reorders sums
+                    assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-7, name
                 else:
                     assert a.grad is None and b.grad is None, name
 
@@ -186,7 +199,8 @@ def plain_boxes(model, images):
         tail = model.llm.tok_embeddings(torch.stack(tokens, 1)) if tokens else None
         x = model.splice_images(img, tail)
         logits = model.llm.logits(model.llm(x, torch.arange(x.shape[1]))[:, -1])
-        tokens.append(cfg.loc_start + logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins].argmax(-1))
+        tokens.append(cfg.loc_start
+                      + logits[:, cfg.loc_start: cfg.loc_start + cfg.num_bins].argmax(-1))
     return torch.stack(tokens, 1) - cfg.loc_start
 
 
@@ -204,4 +218,5 @@ def test_compiled_decode_equals_plain_loop():
     images = bench.random_batch(model.cfg, 6, "cpu", seed=3)[0]
     model.compile_decode()
     assert torch.equal(model.generate(images), plain_boxes(model, images))
-    assert torch.equal(model.generate(images[:1]), plain_boxes(model, images[:1]))  # another batch size
+    # another batch size
+    assert torch.equal(model.generate(images[:1]), plain_boxes(model, images[:1]))

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import data
-import prepare
 from data import DataError
 
 
@@ -36,29 +35,43 @@ def ds(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return data.Tokenizer.train(tmp_path_factory.mktemp("tok") / "tokenizer.model", num_bins=32, max_images=4)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return data.Tokenizer.train(path, num_bins=32, max_images=4)
 
 
 # -- summary.jsonl ---------------------------------------------------------------------------------
 
 def test_read_summary_good(ds, tmp_path):
     make, good = ds
-    row2 = {"t1c Axial_path": str(tmp_path / "b_1.png"), "t2f Axial_path": "b_0.png", "box": [[0, 0, 5, 6], [-4, 25, 45, 28]], "x": 1}
+    row2 = {"t1c Axial_path": str(tmp_path / "b_1.png"), "t2f Axial_path": "b_0.png",
+            "box": [[0, 0, 5, 6], [-4, 25, 45, 28]], "x": 1}
     mods, samples = data.read_summary(make("", row2))
     assert mods == ["t2f Axial", "t1c Axial"]
     assert [s.line for s in samples] == [1, 3]
     assert samples[0].boxes == [[10, 5, 30, 20]] and samples[0].size == (40, 30)
-    assert samples[1].paths == [str(tmp_path / "b_0.png"), str(tmp_path / "b_1.png")]  # first row's order
+    # in the first row's order
+    assert samples[1].paths == [str(tmp_path / "b_0.png"), str(tmp_path / "b_1.png")]
     assert samples[1].boxes == [[0, 0, 5, 6], [0, 25, 40, 28]]  # partly outside: clipped
     assert samples[1].row["x"] == 1
 
 
 def test_read_summary_xywh_and_output(ds):
     make, good = ds
-    _, samples = data.read_summary(write_rows(make().parent / "x.jsonl", [{**good, "box": [[10, 5, 20, 15]]}]), box_format="xywh")
+    path = write_rows(make().parent / "x.jsonl", [{**good, "box": [[10, 5, 20, 15]]}])
+    _, samples = data.read_summary(path, box_format="xywh")
     assert samples[0].boxes == [[10, 5, 30, 20]]
     assert data.box_to_output([10, 5, 30, 20], "corners") == [30, 20, 10, 5]
     assert data.box_to_output([10, 5, 30, 20], "xywh") == [10, 5, 20, 15]
+    assert json.dumps(data.box_to_output([10, 5, 30, 20], "corners")) == "[30, 20, 10, 5]"  # ints
+
+
+def test_box_to_output_rounds_to_a_tenth_of_a_pixel():
+    """A model's box (bin centres times the image size, in float32) is written in 0.1 px floats."""
+    box = [np.float32(10.04), 5.26, 103.82115173339844, torch.tensor(20.01)]
+    corners = data.box_to_output(box, "corners")
+    assert corners == [103.8, 20.0, 10.0, 5.3] and all(type(v) is float for v in corners)
+    assert json.dumps(corners) == "[103.8, 20.0, 10.0, 5.3]"
+    assert json.dumps(data.box_to_output(box, "xywh")) == "[10.0, 5.3, 93.8, 14.7]"  # x + w = maxx
 
 
 def test_missing_box_allowed_for_prediction(ds):
@@ -69,24 +82,37 @@ def test_missing_box_allowed_for_prediction(ds):
     assert data.read_summary(path, require_boxes=False)[1][1].boxes == []
 
 
+PAIR = {"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png"}  # the images of ds's first row
+
+
 @pytest.mark.parametrize("bad, message", [
     ('{"t2f Axial_path": "a_0.png", ', r"s\.jsonl:2: invalid JSON"),
-    ({"t2f Axial_path": "nope.png", "t1c Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: 't2f Axial_path' image not found: .*nope\.png"),
-    ({"t2f Axial_path": "bad.png", "t1c Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: 't2f Axial_path' cannot be read as an image: .*bad\.png"),
-    ({"t2f Axial_path": "a_0.png", "t2w Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: modalities \['t2f Axial', 't2w Axial'\] differ from the first row's \['t2f Axial', 't1c Axial'\]"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "big.png", "box": [[1, 1, 2, 2]]}, r"s\.jsonl:2: images of one row must have one size, got 't2f Axial_path' 40x30, 't1c Axial_path' 50x30"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, "a", 2, 2]]}, r"s\.jsonl:2: 'box' entry \[1, 'a', 2, 2\] is not four numbers"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, 2, 3]]}, r"s\.jsonl:2: 'box' entry \[1, 2, 3\] is not four numbers"),
-    ('{"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, NaN, 2, 2]]}', r"s\.jsonl:2: 'box' entry \[1, nan, 2, 2\] is not finite"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[5, 1, 5, 9]]}, r"s\.jsonl:2: 'box' entry \[5, 1, 5, 9\] has zero \(or negative\) width or height"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[50, 1, 60, 9]]}, r"s\.jsonl:2: 'box' entry \[50, 1, 60, 9\] lies entirely outside the 40x30 image"),
-    ({"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": 3}, r"s\.jsonl:2: 'box' must be a list of boxes"),
+    ({**PAIR, "t2f Axial_path": "nope.png", "box": [[1, 1, 2, 2]]},
+     r"s\.jsonl:2: 't2f Axial_path' image not found: .*nope\.png"),
+    ({**PAIR, "t2f Axial_path": "bad.png", "box": [[1, 1, 2, 2]]},
+     r"s\.jsonl:2: 't2f Axial_path' cannot be read as an image: .*bad\.png"),
+    ({"t2f Axial_path": "a_0.png", "t2w Axial_path": "a_1.png", "box": [[1, 1, 2, 2]]},
+     r"s\.jsonl:2: modalities \['t2f Axial', 't2w Axial'\] differ from the first row's "
+     r"\['t2f Axial', 't1c Axial'\]"),
+    ({**PAIR, "t1c Axial_path": "big.png", "box": [[1, 1, 2, 2]]},
+     r"s\.jsonl:2: images of one row must have one size, "
+     r"got 't2f Axial_path' 40x30, 't1c Axial_path' 50x30"),
+    ({**PAIR, "box": [[1, "a", 2, 2]]},
+     r"s\.jsonl:2: 'box' entry \[1, 'a', 2, 2\] is not four numbers"),
+    ({**PAIR, "box": [[1, 2, 3]]}, r"s\.jsonl:2: 'box' entry \[1, 2, 3\] is not four numbers"),
+    ('{"t2f Axial_path": "a_0.png", "t1c Axial_path": "a_1.png", "box": [[1, NaN, 2, 2]]}',
+     r"s\.jsonl:2: 'box' entry \[1, nan, 2, 2\] is not finite"),
+    ({**PAIR, "box": [[5, 1, 5, 9]]},
+     r"s\.jsonl:2: 'box' entry \[5, 1, 5, 9\] has zero \(or negative\) width or height"),
+    ({**PAIR, "box": [[50, 1, 60, 9]]},
+     r"s\.jsonl:2: 'box' entry \[50, 1, 60, 9\] lies entirely outside the 40x30 image"),
+    ({**PAIR, "box": 3}, r"s\.jsonl:2: 'box' must be a list of boxes"),
     ('[1, 2]', r"s\.jsonl:2: expected a JSON object, got list"),
     ({"image": "a_0.png"}, r"s\.jsonl:2: no image keys"),
 ])
 def test_bad_input_names_file_line_and_value(ds, tmp_path, bad, message):
     make, _ = ds
-    (tmp_path / "bad.png").write_bytes(Image.new("L", (40, 30)).tobytes()[:100])  # not an image file
+    (tmp_path / "bad.png").write_bytes(Image.new("L", (40, 30)).tobytes()[:100])  # not an image
     gray(tmp_path / "big.png", W=50)
     with pytest.raises(DataError, match=message):
         data.read_summary(make(bad))
@@ -94,12 +120,21 @@ def test_bad_input_names_file_line_and_value(ds, tmp_path, bad, message):
 
 def test_truncated_jpeg_is_corrupt(ds, tmp_path):
     make, good = ds
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "t.jpg")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "t.jpg")
     raw = (tmp_path / "t.jpg").read_bytes()
     (tmp_path / "t.jpg").write_bytes(raw[: len(raw) // 2])
     row = {**good, "t1c Axial_path": "t.jpg"}
     with pytest.raises(DataError, match=r"s\.jsonl:2: 't1c Axial_path' cannot be read as an image"):
         data.read_summary(make(row))
+
+
+def test_binary_file_is_not_json_lines(tmp_path):
+    """A --data file of random bytes (an image, an archive) stops with one line naming it, not a
+    UnicodeDecodeError traceback."""
+    (tmp_path / "r.jsonl").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DataError, match=r"r\.jsonl: not a text file of JSON lines \(not UTF-8"):
+        data.read_summary(tmp_path / "r.jsonl")
 
 
 def test_empty_file(tmp_path):
@@ -108,14 +143,15 @@ def test_empty_file(tmp_path):
         data.read_summary(tmp_path / "e.jsonl")
 
 
-# -- images and boxes --------------------------------------------------------------------------------
+# -- images and boxes ------------------------------------------------------------------------------
 
 def test_load_image_gray_to_three_channels(tmp_path):
-    Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (20, 1))).save(tmp_path / "g.png")  # 50x20
+    ramp = np.tile(np.arange(0, 250, 5, dtype=np.uint8), (20, 1))  # 50 x 20
+    Image.fromarray(ramp).save(tmp_path / "g.png")
     x = data.load_image(tmp_path / "g.png", 16, mean=(0, 0, 0), std=(1, 1, 1))
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
-    assert x[0, :, 0].max() < 0.1 and x[0, :, -1].min() > 0.85  # left dark, right bright: not transposed
+    assert x[0, :, 0].max() < 0.1 and x[0, :, -1].min() > 0.85  # dark left, bright right: upright
     y = data.load_image(tmp_path / "g.png", 16)
     assert torch.allclose(y[1], (x[1] - data.CLIP_MEAN[1]) / data.CLIP_STD[1], atol=1e-6)
 
@@ -124,7 +160,8 @@ def test_box_bins_round_trip_worst_case():
     W, H, bins = 240, 155, 32
     assert data.box_to_bins([0, 0, W, H], W, H, bins) == [0, 0, bins - 1, bins - 1]
     assert data.box_to_bins([7.5, 0, 15, 4.9], W, H, bins) == [1, 0, 2, 1]
-    assert data.bins_to_box([3, 5, 1, 2], W, H, bins) == [1.5 * W / bins, 2.5 * H / bins, 3.5 * W / bins, 5.5 * H / bins]
+    assert data.bins_to_box([3, 5, 1, 2], W, H, bins) == [1.5 * W / bins, 2.5 * H / bins,
+                                                          3.5 * W / bins, 5.5 * H / bins]
     worst = [0.0, 0.0]
     for v in np.linspace(0, 1, 997):
         box = [v * W, v * H, v * W, v * H]
@@ -136,7 +173,8 @@ def test_box_bins_round_trip_worst_case():
 
 def test_to_pixels():
     assert data.to_pixels([0.25, 0.5, 0.75, 1.0], (40, 30)) == [10.0, 15.0, 30.0, 30.0]
-    assert data.to_pixels(torch.tensor([0.0, 0.1, 0.5, 0.2]), (10, 20)) == pytest.approx([0.0, 2.0, 5.0, 4.0])
+    box = torch.tensor([0.0, 0.1, 0.5, 0.2])
+    assert data.to_pixels(box, (10, 20)) == pytest.approx([0.0, 2.0, 5.0, 4.0])
 
 
 def test_box_iou():
@@ -159,11 +197,14 @@ def test_specials_are_single_pieces_and_text_round_trips(tok):
     assert len(specials) == 2 + 8 + 32
     for t in specials:
         assert tok.encode(t) == [tok.special_ids[t]]
-    assert [tok.loc_start + k for k in range(32)] == [tok.special_ids[f"<loc_{k}>"] for k in range(32)]
-    assert tok.encode("12")[-2:] == [tok.sp.piece_to_id("1"), tok.sp.piece_to_id("2")]  # digits split
+    assert [tok.loc_start + k for k in range(32)] == [tok.special_ids[f"<loc_{k}>"]
+                                                      for k in range(32)]
+    # digits split
+    assert tok.encode("12")[-2:] == [tok.sp.piece_to_id("1"), tok.sp.piece_to_id("2")]
     text = "</Img2> where is the tumour? ±中 <box><loc_0><loc_31></box>"
     assert tok.decode(tok.encode(text)) == text  # byte fallback: nothing is lost
-    assert tok.vocab_size == tok.sp.get_piece_size() and tok.pad_id == 3 and tok.bos_id == 1 and tok.eos_id == 2
+    assert tok.vocab_size == tok.sp.get_piece_size()
+    assert tok.pad_id == 3 and tok.bos_id == 1 and tok.eos_id == 2
 
 
 def test_prompt_chunk_layout(tok):
@@ -178,17 +219,20 @@ def test_prompt_chunk_layout(tok):
     v = data.prompt_chunks(tok, 1, "vicuna")
     assert tok.decode(v[0][1:]) == "###Human: <Img1>"
     assert tok.decode(v[1]) == "</Img1> where is the tumor? ###Assistant: <box>"
-    assert data.prompt_text(1, "llama2") == "[INST] <Img1><ImageHere></Img1> where is the tumor? [/INST] <box>"
+    assert data.prompt_text(1, "llama2") == ("[INST] <Img1><ImageHere></Img1> where is the tumor? "
+                                             "[/INST] <box>")
     with pytest.raises(DataError, match="image tags for 1..4"):
         data.prompt_chunks(tok, 5)
 
 
 def test_answer_ids_and_parse(tok):
     ids = data.answer_ids(tok, [[1, 2, 3, 4], [0, 31, 5, 6]])
-    assert ids == [tok.loc_start + v for v in (1, 2, 3, 4, 0, 31, 5, 6)] + [tok.box_end_id, tok.eos_id]
+    locs = [tok.loc_start + v for v in (1, 2, 3, 4, 0, 31, 5, 6)]
+    assert ids == locs + [tok.box_end_id, tok.eos_id]
     assert data.parse_answer(tok, ids) == [[1, 2, 3, 4], [0, 31, 5, 6]]
     assert data.parse_answer(tok, ids[:6]) == [[1, 2, 3, 4]]  # trailing partial group dropped
-    assert data.parse_answer(tok, ids[:4] + [tok.box_end_id] + ids[4:8]) == [[1, 2, 3, 4]]  # stops at </box>
+    stopped = ids[:4] + [tok.box_end_id] + ids[4:8]
+    assert data.parse_answer(tok, stopped) == [[1, 2, 3, 4]]  # stops at </box>
     assert data.parse_answer(tok, [tok.box_end_id]) == []
 
 
@@ -198,8 +242,9 @@ def test_llama_vocab_gets_specials_appended(tmp_path):
     import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50), model_writer=buf,
-        model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50),
+        model_writer=buf, model_type="bpe", vocab_size=300, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False,  # as LLaMA's
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     (tmp_path / "llama.model").write_bytes(buf.getvalue())
@@ -217,10 +262,11 @@ def test_llama_vocab_gets_specials_appended(tmp_path):
         data.Tokenizer(tmp_path / "ours.model", num_bins=16, max_images=2)
 
 
-# -- batches and split ------------------------------------------------------------------------------
+# -- batches and split -----------------------------------------------------------------------------
 
 def _answers(tok, boxes, nbox):
-    return data.answer_tokens(boxes, nbox, tok.num_bins, tok.loc_start, tok.box_end_id, tok.eos_id, tok.pad_id)
+    return data.answer_tokens(boxes, nbox, tok.num_bins, tok.loc_start, tok.box_end_id, tok.eos_id,
+                              tok.pad_id)
 
 
 def test_batch_tensors_shapes_and_masks(ds, tok):
@@ -229,12 +275,14 @@ def test_batch_tensors_shapes_and_masks(ds, tok):
     _, samples = data.read_summary(make(row))
     images, boxes, nbox = data.load_tensors(samples, image_size=16, max_boxes=2)
     assert images.shape == (2, 2, 3, 16, 16) and images.dtype == torch.float16
-    torch.testing.assert_close(images[1].float(), data.load_images(samples[1], 16), atol=2e-3, rtol=0)
+    one = data.load_images(samples[1], 16)
+    torch.testing.assert_close(images[1].float(), one, atol=2e-3, rtol=0)
     assert nbox.tolist() == [1, 2]
     answer, mask = _answers(tok, boxes, nbox)
     assert answer.shape == (2, 10) and mask.shape == (2, 10)
     # row 1: box [10, 5, 30, 20] of 40x30 in 32 bins -> [8, 5, 24, 21]
-    assert answer[0].tolist() == [tok.loc_start + v for v in (8, 5, 24, 21)] + [tok.box_end_id, tok.eos_id] + [tok.pad_id] * 4
+    locs = [tok.loc_start + v for v in (8, 5, 24, 21)]
+    assert answer[0].tolist() == locs + [tok.box_end_id, tok.eos_id] + [tok.pad_id] * 4
     assert mask[0].tolist() == [True] * 6 + [False] * 4
     # row 2: three boxes, the largest two kept, largest first
     assert data.parse_answer(tok, answer[1].tolist()) == [[0, 0, 31, 31], [8, 10, 16, 21]]
@@ -247,8 +295,8 @@ def test_batch_tensors_shapes_and_masks(ds, tok):
 
 
 def test_augment_moves_boxes_with_the_pixels():
-    # A bright rectangle on black in 2 modalities; after a random flip/zoom/shift/rotation, the bright
-    # pixels' bounding box must match the transformed box to within a pixel or two.
+    # A bright rectangle on black in 2 modalities; after a random flip/zoom/shift/rotation, the
+    # bright pixels' bounding box must match the transformed box to within a pixel or two.
     S = 64
     images = torch.zeros(8, 2, 3, S, S)
     boxes = torch.zeros(8, 1, 4)
@@ -258,7 +306,8 @@ def test_augment_moves_boxes_with_the_pixels():
         w, h = torch.randint(8, 20, (2,), generator=g).tolist()
         images[i, :, :, y0:y0 + h, x0:x0 + w] = 1.0
         boxes[i, 0] = torch.tensor([x0, y0, x0 + w, y0 + h]) / S
-    aug = data.Augment(flip=0.5, scale=0.1, translate=0.1, rotate=0.0, contrast=0.0, brightness=0.0, noise=0.0)
+    aug = data.Augment(flip=0.5, scale=0.1, translate=0.1, rotate=0.0, contrast=0.0,
+                       brightness=0.0, noise=0.0)
     x, b = aug(images, boxes, torch.Generator().manual_seed(1))
     assert x.shape == images.shape and b.shape == boxes.shape
     flipped = 0
@@ -266,25 +315,28 @@ def test_augment_moves_boxes_with_the_pixels():
         ys, xs = torch.nonzero(x[i, 1, 0] > 0.5, as_tuple=True)
         seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
         assert (seen - b[i, 0] * S).abs().max() <= 1.5, (i, seen, b[i, 0] * S)
-        assert torch.equal(x[i, 0], x[i, 1])  # one geometric transform for all modalities of a study
-        flipped += int((b[i, 0, 0] + b[i, 0, 2]) / 2 < 0.5) != int((boxes[i, 0, 0] + boxes[i, 0, 2]) / 2 < 0.5)
+        assert torch.equal(x[i, 0], x[i, 1])  # one geometric transform for a study's modalities
+        left = lambda box: int((box[0] + box[2]) / 2 < 0.5)  # the box's centre in the left half
+        flipped += left(b[i, 0]) != left(boxes[i, 0])
     assert 0 < flipped < 8  # some studies mirrored, some not
-    # with rotation the new box encloses the rotated rectangle: the bright pixels lie inside it, snugly
-    x, b = data.Augment(flip=0.5, rotate=10, contrast=0, brightness=0, noise=0)(images, boxes, torch.Generator().manual_seed(2))
+    # with rotation the new box encloses the rotated rectangle: the bright pixels lie snugly inside
+    aug = data.Augment(flip=0.5, rotate=10, contrast=0, brightness=0, noise=0)
+    x, b = aug(images, boxes, torch.Generator().manual_seed(2))
     for i in range(8):
         ys, xs = torch.nonzero(x[i, 0, 0] > 0.5, as_tuple=True)
         seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-        d = (seen - b[i, 0] * S) * torch.tensor([1, 1, -1, -1])    # >= 0 when seen lies inside the box
+        d = (seen - b[i, 0] * S) * torch.tensor([1, 1, -1, -1])  # >= 0 when seen lies in the box
         assert d.min() >= -1.0 and d.max() <= 3.0, (i, seen, b[i, 0] * S)
-    # no-op settings give back the input; so does any augmentation scaled to strength 0 without flips
-    assert data.Augment(flip=0.0).scaled(0) == data.Augment(flip=0, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
+    # no-op settings give back the input; so does any augmentation scaled to 0 without flips
+    off = dict(scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
+    none = data.Augment(flip=0, **off)
+    assert data.Augment(flip=0.0).scaled(0) == none
     assert data.Augment().scaled(2).rotate == 2 * data.Augment().rotate
-    none = data.Augment(flip=0, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)
     x, b = none(images, boxes)
     torch.testing.assert_close(x, images, atol=1e-5, rtol=0)
     torch.testing.assert_close(b, boxes, atol=1e-6, rtol=0)
     # a pure flip is exact
-    x, b = data.Augment(flip=1, scale=0, translate=0, rotate=0, contrast=0, brightness=0, noise=0)(images, boxes)
+    x, b = data.Augment(flip=1, **off)(images, boxes)
     torch.testing.assert_close(x, images.flip(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(b[..., [0, 2]], 1 - boxes[..., [2, 0]], atol=1e-6, rtol=0)
 
@@ -303,12 +355,14 @@ def test_sample_from_images_and_score(ds, tmp_path):
     sc = data.score_boxes([[10, 5, 30, 20], half], samples + samples)
     assert sc == dict(miou=0.75, acc50=1.0, acc75=0.5, sens=1.0)
     assert data.score_boxes([[30, 20, 40, 30]], samples[:1])["miou"] == 0.0  # no overlap
-    # "no tumour" answers (None) and rows without a true box: IoU over rows with a box (a miss scores 0),
-    # presence over all rows
+    # "no tumour" answers (None) and rows without a true box: IoU over rows with a box (a miss
+    # scores 0), presence over all rows
     empty = data.Sample(samples[0].paths, [], samples[0].size, 9, {}, "x")
-    sc = data.score_boxes([[10, 5, 30, 20], None, None, [0, 0, 5, 5], None], samples * 2 + [empty] * 3)
+    answers = [[10, 5, 30, 20], None, None, [0, 0, 5, 5], None]
+    sc = data.score_boxes(answers, samples * 2 + [empty] * 3)
     assert sc == dict(miou=0.5, acc50=0.5, acc75=0.5, sens=0.5, spec=2 / 3)
-    assert data.score_line(sc) == "mean IoU 0.500, acc@0.5 0.500, acc@0.75 0.500, presence sens 0.500 spec 0.667"
+    assert data.score_line(sc) == ("mean IoU 0.500, acc@0.5 0.500, acc@0.75 0.500, "
+                                   "presence sens 0.500 spec 0.667")
 
 
 def test_case_id():
@@ -317,21 +371,24 @@ def test_case_id():
     assert data.case_id("images/DEMO-00012-000_5_1.jpg") == "DEMO-00012-000"
     assert data.case_id("scan.png") == "scan"
     # other layouts: what a row's modality files share, less the slice number; else the folder
-    assert data.case_id("d/TCGA_CS_4941_19960909_12_flair.png", "d/TCGA_CS_4941_19960909_12_t1c.png") == "TCGA_CS_4941_19960909"
+    tcga = "d/TCGA_CS_4941_19960909_12_flair.png", "d/TCGA_CS_4941_19960909_12_t1c.png"
+    assert data.case_id(*tcga) == "TCGA_CS_4941_19960909"
     assert data.case_id("d/P7_slice-031_t1.png", "d/P7_slice-031_t2.png") == "P7_slice"
     assert data.case_id("pat9/12_flair.png", "pat9/12_t1c.png") == "pat9"
 
 
 def test_case_key_wins(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "a.png")
-    rows = [{"x_path": "a.png", "box": [1, 1, 4, 4], "patient": "P1"}, {"x_path": "a.png", "box": [1, 1, 4, 4]}]
+    rows = [{"x_path": "a.png", "box": [1, 1, 4, 4], "patient": "P1"},
+            {"x_path": "a.png", "box": [1, 1, 4, 4]}]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, samples = data.read_summary(tmp_path / "s.jsonl")
     assert [s.case for s in samples] == ["P1", "a"]
 
 
 def test_split_by_patient_never_splits_a_case():
-    samples = [data.Sample([f"P{c}_{k}_0.jpg"], [], (1, 1), 0, {}, f"P{c}") for c in range(10) for k in range(5)]
+    samples = [data.Sample([f"P{c}_{k}_0.jpg"], [], (1, 1), 0, {}, f"P{c}")
+               for c in range(10) for k in range(5)]
     train, val = data.split_by_patient(samples, 0.3, seed=1)
     assert len(train) + len(val) == 50 and len(val) == 15
     assert not {s.case for s in train} & {s.case for s in val}
@@ -341,14 +398,17 @@ def test_split_by_patient_never_splits_a_case():
 
 
 def test_rotation_moves_boxes_near_the_corners_the_way_the_pixels_turn():
-    """Far from the centre a rotation moves a box most: the box of the turned bright rectangle (seen) must
-    be the answer's box. Turning the box the wrong way errs by about 7 px here at 10 degrees."""
+    """Far from the centre a rotation moves a box most: the box of the turned bright rectangle
+    (seen) must be the answer's box. Turning the box the wrong way errs by about 7 px here, at 10
+    degrees."""
     S = 128
-    boxes = torch.tensor([[[0.06, 0.08, 0.30, 0.25]], [[0.70, 0.62, 0.94, 0.92]], [[0.08, 0.70, 0.28, 0.93]]])
+    boxes = torch.tensor([[[0.06, 0.08, 0.30, 0.25]], [[0.70, 0.62, 0.94, 0.92]],
+                          [[0.08, 0.70, 0.28, 0.93]]])
     images = torch.zeros(3, 1, 3, S, S)
     for i, (x0, y0, x1, y1) in enumerate((boxes[:, 0] * S).round().long().tolist()):
         images[i, :, :, y0:y1, x0:x1] = 1.0
-    aug = data.Augment(flip=0.5, scale=0.1, translate=0, rotate=10, contrast=0, brightness=0, noise=0)
+    aug = data.Augment(flip=0.5, scale=0.1, translate=0, rotate=10, contrast=0, brightness=0,
+                       noise=0)
     turned = 0
     for seed in range(4):
         x, b = aug(images, boxes, torch.Generator().manual_seed(seed))
@@ -361,7 +421,7 @@ def test_rotation_moves_boxes_near_the_corners_the_way_the_pixels_turn():
 
 
 def test_each_process_reads_its_own_samples():
-    """Two processes at one step read disjoint samples, together the batch one process would read."""
+    """Two processes at one step read disjoint samples, together the batch one process reads."""
     for step in (0, 3, 7):
         a = data.batch_indices(step, 4, 10, seed=1, rank=0, world=2)
         b = data.batch_indices(step, 4, 10, seed=1, rank=1, world=2)
@@ -370,26 +430,41 @@ def test_each_process_reads_its_own_samples():
         assert a.tolist() + b.tolist() == one.tolist()
     first_epoch = torch.cat([data.batch_indices(s, 5, 10, seed=1) for s in range(2)])
     assert sorted(first_epoch.tolist()) == list(range(10))  # an epoch visits every sample once
-    assert torch.equal(data.batch_indices(5, 4, 10, seed=1), data.batch_indices(5, 4, 10, seed=1))  # resume
+    again = data.batch_indices(5, 4, 10, seed=1)  # a resumed run at step 5
+    assert torch.equal(data.batch_indices(5, 4, 10, seed=1), again)
 
 
 def test_augmentation_differs_by_step_and_process_and_repeats_on_resume():
     images, boxes = torch.rand(2, 1, 3, 32, 32), torch.tensor([[[0.2, 0.2, 0.5, 0.6]]] * 2)
     aug = data.Augment()
     out = lambda step, rank=0: aug(images, boxes, data.step_generator(0, step, rank, world=2))[1]
-    assert not torch.equal(out(0), out(1)) and not torch.equal(out(1), out(2))  # a new transform every step
+    assert not torch.equal(out(0), out(1)) and not torch.equal(out(1), out(2))  # new every step
     assert not torch.equal(out(1, rank=0), out(1, rank=1))  # and on every process
     assert torch.equal(out(5), out(5))  # the same again when a resumed run redoes step 5
 
 
+def test_12_bit_image_in_16_bits_reads_like_8_bits(tmp_path):
+    """MRI exports store 12-bit values (0..4095) in 16-bit PNGs: scaled by the picture's own range,
+    not by 65535 (which would read it nearly black), it reads like the same picture in 8 bits."""
+    y, x = np.mgrid[0:40, 0:48]
+    picture = x / 47 * 0.6 + ((x - 30) ** 2 + (y - 15) ** 2 < 64) * 0.4  # a ramp and a bright disc
+    picture = picture / picture.max() * 4095  # 0..4095
+    Image.fromarray(picture.round().astype(np.uint16)).save(tmp_path / "g12.png")
+    Image.fromarray((picture / 4095 * 255).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    with Image.open(tmp_path / "g12.png") as im:
+        assert im.mode == "I;16" and np.asarray(im).max() == 4095
+    got, ref = data.load_image(tmp_path / "g12.png", 32), data.load_image(tmp_path / "g8.png", 32)
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0)
+
+
 def test_image_modes_read_right(tmp_path):
-    """16- and 32-bit grey are scaled by their own range, so they read like the 8-bit picture; palette,
-    RGBA and CMYK pictures read as their RGB."""
+    """16- and 32-bit grey are scaled by their own range, so they read like the 8-bit picture;
+    palette, RGBA and CMYK pictures read as their RGB."""
     ramp = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (40, 1))  # 48 x 40, 0..255
     Image.fromarray(ramp).save(tmp_path / "g8.png")
-    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "g16.png")              # I;16, 0..65535
-    Image.fromarray(ramp.astype(np.int32) * 1000 - 7).save(tmp_path / "g32.tif")          # I, any range
-    Image.fromarray(ramp.astype(np.float32) / 255 * 3.5 + 1).save(tmp_path / "f32.tif")    # F
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # I;16, 0..65535
+    Image.fromarray(ramp.astype(np.int32) * 1000 - 7).save(tmp_path / "g32.tif")  # I, any range
+    Image.fromarray(ramp.astype(np.float32) / 255 * 3.5 + 1).save(tmp_path / "f32.tif")  # F
     ref = data.load_image(tmp_path / "g8.png", 32)
     for name in ("g16.png", "g32.tif", "f32.tif"):
         with Image.open(tmp_path / name) as im:
@@ -403,7 +478,8 @@ def test_image_modes_read_right(tmp_path):
     ref = data.load_image(tmp_path / "rgb.png", 32)
     torch.testing.assert_close(data.load_image(tmp_path / "rgba.png", 32), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(data.load_image(tmp_path / "cmyk.jpg", 32), ref, atol=0.1, rtol=0)
-    torch.testing.assert_close(data.load_image(tmp_path / "pal.png", 32), data.load_image(tmp_path / "g8.png", 32), atol=0.05, rtol=0)
+    grey = data.load_image(tmp_path / "g8.png", 32)
+    torch.testing.assert_close(data.load_image(tmp_path / "pal.png", 32), grey, atol=0.05, rtol=0)
     Image.fromarray(np.zeros((5, 40), np.uint8)).save(tmp_path / "thin.png")
     with pytest.raises(DataError, match="thin.png: image of 40x5 pixels is too small"):
         data.load_image(tmp_path / "thin.png", 32)

@@ -1,4 +1,5 @@
-"""Tests for model.py: LLaMA parity with Hugging Face, strict loading, KV cache, the spliced model."""
+"""Tests for model.py: LLaMA parity with Hugging Face, strict loading, KV cache, the spliced
+model."""
 
 import json
 import math
@@ -16,13 +17,14 @@ def rel_err(a, b):
 
 
 def hf_llama(folder, tied, seed=0, **save_kwargs):
-    """A tiny random LlamaForCausalLM (grouped-query) with every parameter perturbed, saved to folder."""
+    """A tiny random LlamaForCausalLM (grouped-query) with every parameter perturbed, saved to
+    folder."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        max_position_embeddings=64)
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, max_position_embeddings=64)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # default inits (norms at 1, zeros) would hide mapping mistakes
         for p in hf.parameters():
@@ -72,7 +74,9 @@ def test_broken_mapping_fails(tmp_path, monkeypatch):
     names = dict(model_module.LLAMA_HF_NAMES)
     names["layers.{i}.attn.wq.weight"] = "model.layers.{i}.self_attn.k_proj.weight"
     monkeypatch.setattr(model_module, "LLAMA_HF_NAMES", names)
-    with pytest.raises(ValueError, match=r"wrongly shaped tensor: model.layers.0.self_attn.k_proj.weight \(16, 32\) -> layers.0.attn.wq.weight"):
+    with pytest.raises(ValueError, match=r"wrongly shaped tensor: "
+                                         r"model.layers.0.self_attn.k_proj.weight \(16, 32\) "
+                                         r"-> layers.0.attn.wq.weight"):
         LLaMA.from_pretrained(tmp_path)
 
 
@@ -104,8 +108,8 @@ def test_wrong_architecture_is_refused(tmp_path):
 
 def tiny_llama(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = LLaMAConfig(**{**dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
-                                max_seq_len=64), **kw})
+    cfg = LLaMAConfig(**{**dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                hidden_dim=48, max_seq_len=64), **kw})
     return LLaMA(cfg).eval()
 
 
@@ -149,15 +153,17 @@ BOS, BOX, BOX_END, EOS, PAD, LOC0, BINS = 1, 57, 56, 2, 0, 40, 16
 
 def tiny_cfg(n_images=3, fusion="per-image", max_boxes=2, **kw):
     n_slots = 1 if fusion == "early" else n_images
-    # <Img1><ImageHere></Img1>... where is the tumor? <box>, as fake ids: chunk 0 starts with BOS, the last ends with <box>
+    # <Img1><ImageHere></Img1>... where is the tumor? <box>, as fake ids: chunk 0 starts with BOS,
+    # the last ends with <box>
     chunks = [[BOS, 5, 6]] + [[7 + k, 8 + k] for k in range(n_slots - 1)] + [[20, 21, 22, BOX]]
     return MiniGPTConfig(
         vit=ViTConfig(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64),
-        qformer=QFormerConfig(num_query=3, width=32, depth=2, heads=2, mlp_dim=64, cross_every=1, vision_width=32,
-                              out_dim=32),
-        llm=LLaMAConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64),
-        n_images=n_images, fusion=fusion, prompt_chunks=chunks, num_bins=BINS, loc_start=LOC0, box_end_id=BOX_END,
-        eos_id=EOS, pad_id=PAD, max_boxes=max_boxes, **kw)
+        qformer=QFormerConfig(num_query=3, width=32, depth=2, heads=2, mlp_dim=64, cross_every=1,
+                              vision_width=32, out_dim=32),
+        llm=LLaMAConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                        max_seq_len=64),
+        n_images=n_images, fusion=fusion, prompt_chunks=chunks, num_bins=BINS, loc_start=LOC0,
+        box_end_id=BOX_END, eos_id=EOS, pad_id=PAD, max_boxes=max_boxes, **kw)
 
 
 def tiny_model(seed=0, **kw):
@@ -169,8 +175,10 @@ def batch(B=2, N=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, N, 3, 16, 16, generator=g)
     # one box for sample 0, two for sample 1; padded to 4 * max_boxes + 2
-    answer = torch.tensor([[LOC0 + 1, LOC0 + 2, LOC0 + 9, LOC0 + 11, BOX_END, EOS, PAD, PAD, PAD, PAD],
-                           [LOC0 + 3, LOC0 + 0, LOC0 + 7, LOC0 + 5, LOC0 + 8, LOC0 + 8, LOC0 + 15, LOC0 + 12, BOX_END, EOS]])
+    answer = torch.tensor([[LOC0 + 1, LOC0 + 2, LOC0 + 9, LOC0 + 11,
+                            BOX_END, EOS, PAD, PAD, PAD, PAD],
+                           [LOC0 + 3, LOC0 + 0, LOC0 + 7, LOC0 + 5,
+                            LOC0 + 8, LOC0 + 8, LOC0 + 15, LOC0 + 12, BOX_END, EOS]])
     return images[:B], answer[:B], answer[:B] != PAD
 
 
@@ -184,7 +192,8 @@ def test_image_embeddings_land_in_their_slots(fusion):
         assert img.shape == (2, cfg.n_slots, Q, 32)
         # one batched ViT pass gives what each image alone gives
         vit = [m.vit(images[:, k]) for k in range(3)]
-        expect = [m.qformer(v) for v in vit] if fusion == "per-image" else [m.qformer(torch.cat(vit, 1))]
+        expect = ([m.qformer(v) for v in vit] if fusion == "per-image"
+                  else [m.qformer(torch.cat(vit, 1))])
         for k, e in enumerate(expect):
             assert torch.allclose(img[:, k], e, atol=1e-5)
         tail = m.llm.tok_embeddings(answer)
@@ -212,7 +221,8 @@ def test_loss_is_cross_entropy_on_answer_tokens_only():
         x = m.splice_images(m.encode_images(images), m.llm.tok_embeddings(answer))
         logp = m.llm.logits(m.llm(x, torch.arange(x.shape[1]))).log_softmax(-1)
         P = m.prompt_len
-        terms = [-logp[b, P - 1 + j, answer[b, j]] for b in range(2) for j in range(answer.shape[1]) if mask[b, j]]
+        terms = [-logp[b, P - 1 + j, answer[b, j]] for b in range(2)
+                 for j in range(answer.shape[1]) if mask[b, j]]
         assert len(terms) == 6 + 10
         assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
         # padding tokens (mask False) may be anything
@@ -227,8 +237,8 @@ def test_loss_is_cross_entropy_on_answer_tokens_only():
 def test_loss_reaches_every_trainable_part():
     m = tiny_model().train()
     m(*batch()).backward()
-    for name in ("vit.patch_embed.weight", "qformer.query", "qformer.proj.weight", "llm.layers.0.attn.wq.weight",
-                 "llm.tok_embeddings.weight"):
+    for name in ("vit.patch_embed.weight", "qformer.query", "qformer.proj.weight",
+                 "llm.layers.0.attn.wq.weight", "llm.tok_embeddings.weight"):
         assert m.get_parameter(name).grad.abs().sum() > 0, name
 
 
@@ -237,8 +247,9 @@ def test_freeze_flags():
     m.freeze(vit=True, qformer=True, llm=True)
     trained = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trained == {"qformer.proj.weight", "qformer.proj.bias", "llm.tok_embeddings.weight",
-                       "llm.output.weight"} | {f"llm.layers.{i}.attn.{w}.lora_{ab}" for i in range(2)
-                                               for w in ("wq", "wv") for ab in "ab"}
+                       "llm.output.weight"} | {f"llm.layers.{i}.attn.{w}.lora_{ab}"
+                                               for i in range(2) for w in ("wq", "wv")
+                                               for ab in "ab"}
     m.train()
     m(*batch()).backward()
     assert all(p.grad is None for p in m.vit.parameters())
@@ -304,7 +315,8 @@ def test_generate_grammar_limits():
     end_bias(-1e4)  # </box> never wins: max_boxes groups, then the forced end
     out = m.generate(images)
     assert (out >= 0).all() and all(parses(r, 2) for r in out)
-    end_bias(1e4)  # </box> always wins where allowed: after the first group, or at once with min_boxes=0
+    # </box> always wins where allowed: after the first group, or at once with min_boxes=0
+    end_bias(1e4)
     assert (m.generate(images)[:, :4] >= 0).all() and (m.generate(images)[:, 4:] == -1).all()
     assert (m.generate(images, min_boxes=0) == -1).all()
 
@@ -316,7 +328,8 @@ def test_lora_merged_equals_unmerged():
     x = torch.randn(5, 32)
     with torch.no_grad():
         wv.lora_b.normal_()
-        assert torch.allclose(wv(x), x @ wv.weight.T + 8.0 / 4 * (x @ wv.lora_a.T @ wv.lora_b.T), atol=1e-5)
+        assert torch.allclose(wv(x), x @ wv.weight.T + 8.0 / 4 * (x @ wv.lora_a.T @ wv.lora_b.T),
+                              atol=1e-5)
     images, answer, mask = batch()
     with torch.no_grad():
         base = m(images, answer, mask)
@@ -332,7 +345,8 @@ def test_lora_merged_equals_unmerged():
         assert torch.equal(m.generate(images), gen)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=2, fusion="early"), dict(tie=True), dict(box_head="regress")])
+@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=2, fusion="early"), dict(tie=True),
+                                dict(box_head="regress")])
 def test_save_load_round_trip(tmp_path, kw):
     tie = kw.pop("tie", False)
     cfg = tiny_cfg(**kw)
@@ -370,14 +384,16 @@ def test_loc_smoothing_loss_by_hand():
                     continue
                 t, lp = answer[b, j].item(), logp[b, P - 1 + j]
                 if LOC0 <= t < LOC0 + BINS:  # a Gaussian over the bins around the true one
-                    w = torch.tensor([math.exp(-0.5 * ((k - (t - LOC0)) / 1.5) ** 2) for k in range(BINS)])
+                    w = torch.tensor([math.exp(-0.5 * ((k - (t - LOC0)) / 1.5) ** 2)
+                                      for k in range(BINS)])
                     terms.append(-(w / w.sum() * lp[LOC0:LOC0 + BINS]).sum())
                 else:
                     terms.append(-lp[t])
         assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
         # a very narrow Gaussian is the one-hot cross-entropy
         sharp = tiny_model(loc_sigma=1e-3)
-        assert torch.allclose(sharp(images, answer, mask), tiny_model()(images, answer, mask), atol=1e-6)
+        assert torch.allclose(sharp(images, answer, mask), tiny_model()(images, answer, mask),
+                              atol=1e-6)
     m(images, answer, mask).backward()  # non-location targets must not put NaN into the gradient
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
@@ -385,7 +401,8 @@ def test_loc_smoothing_loss_by_hand():
 def test_generalized_iou_by_hand():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 0.0, 0.0]])
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
-    # 1: inter 1, union 7, hull 9 -> 1/7 - 2/9; 2: apart, union 2, hull 3 -> -1/3; 3: same box, corners swapped -> 1
+    # 1: inter 1, union 7, hull 9 -> 1/7 - 2/9; 2: apart, union 2, hull 3 -> -1/3;
+    # 3: same box, corners swapped -> 1
     torch.testing.assert_close(generalized_iou(a, b), torch.tensor([1 / 7 - 2 / 9, -1 / 3, 1.0]))
 
 
@@ -397,16 +414,21 @@ def test_regress_head_trains_and_answers():
     loss = m(images, answer, mask, target)
     with torch.no_grad():
         x = m.splice_images(m.encode_images(images))
-        pred = m.box_mlp(m.llm(x, torch.arange(x.shape[1]))[:, -1]).sigmoid()  # the hidden state at <box>
+        # the hidden state at <box>
+        pred = m.box_mlp(m.llm(x, torch.arange(x.shape[1]))[:, -1]).sigmoid()
     extra = (pred - target).abs().mean() + (1 - generalized_iou(pred, target)).mean()
     assert torch.allclose(loss, token_loss + extra, atol=1e-5)
     loss.backward()
-    assert m.box_mlp[0].weight.grad.abs().sum() > 0 and m.vit.patch_embed.weight.grad.abs().sum() > 0
+    assert (m.box_mlp[0].weight.grad.abs().sum() > 0
+            and m.vit.patch_embed.weight.grad.abs().sum() > 0)
     boxes, p = m.eval().answer_boxes(images)
     with torch.no_grad():
-        torch.testing.assert_close(p, m.presence(m.llm.logits(m.llm(x, torch.arange(x.shape[1]))[:, -1])))
-    assert boxes.shape == (2, 4) and (boxes[:, :2] <= boxes[:, 2:]).all() and ((0 <= boxes) & (boxes <= 1)).all()
-    assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
+        torch.testing.assert_close(
+            p, m.presence(m.llm.logits(m.llm(x, torch.arange(x.shape[1]))[:, -1])))
+    assert (boxes.shape == (2, 4) and (boxes[:, :2] <= boxes[:, 2:]).all()
+            and ((0 <= boxes) & (boxes <= 1)).all())
+    assert torch.allclose(boxes, torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]),
+                                            torch.maximum(pred[:, :2], pred[:, 2:])], 1), atol=1e-6)
 
 
 def test_answer_boxes_reads_the_first_answered_box():
@@ -414,33 +436,37 @@ def test_answer_boxes_reads_the_first_answered_box():
     images, _, _ = batch()
     bins = m.generate(images)[:, :4].float()
     expect = (bins + 0.5) / BINS
-    expect = torch.cat([torch.minimum(expect[:, :2], expect[:, 2:]), torch.maximum(expect[:, :2], expect[:, 2:])], 1)
+    expect = torch.cat([torch.minimum(expect[:, :2], expect[:, 2:]),
+                        torch.maximum(expect[:, :2], expect[:, 2:])], 1)
     boxes, p = m.answer_boxes(images)
     torch.testing.assert_close(boxes, expect)
-    with torch.no_grad():  # the tumour probability: the location tokens' share at <box>, beside </box>
-        logits = m.llm.logits(m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len))[:, -1])
+    # the tumour probability: the location tokens' share at <box>, beside </box>
+    with torch.no_grad():
+        logits = m.llm.logits(m.llm(m.splice_images(m.encode_images(images)),
+                                    torch.arange(m.prompt_len))[:, -1])
     loc = logits[:, LOC0: LOC0 + BINS].exp().sum(-1)
     torch.testing.assert_close(p, loc / (loc + logits[:, BOX_END].exp()))
 
 
 def test_no_tumour_weighs_end_against_all_locations_together():
-    """Between groups the grammar chooses a branch: `</box>` wins only over the location tokens' summed
-    probability. 16 equal location logits 0 sum to log 16 = 2.77 in logits: an end logit of 2 beats each
-    one but not their sum; 3 beats the sum."""
+    """Between groups the grammar chooses a branch: `</box>` wins only over the location tokens'
+    summed probability. 16 equal location logits 0 sum to log 16 = 2.77 in logits: an end logit of 2
+    beats each one but not their sum; 3 beats the sum."""
     m = tiny_model()
     logits = torch.full((2, 61), -30.0)
     logits[:, LOC0: LOC0 + BINS] = 0.0
     logits[:, BOX_END] = torch.tensor([2.0, 3.0])
     token, bins, done = m.grammar_step(logits, 0, torch.zeros(2, dtype=torch.bool), min_boxes=0)
     assert done.tolist() == [False, True] and token[1] == BOX_END and bins[1] == -1 and bins[0] == 0
-    torch.testing.assert_close(m.presence(logits), torch.tensor([16 / (16 + math.exp(2)), 16 / (16 + math.exp(3))]))
+    torch.testing.assert_close(m.presence(logits),
+                               torch.tensor([16 / (16 + math.exp(2)), 16 / (16 + math.exp(3))]))
     _, _, done = m.grammar_step(logits, 0, torch.zeros(2, dtype=torch.bool), min_boxes=1)
     assert not done.any()  # min_boxes=1: a box, whatever </box> says
 
 
 def test_regress_loss_counts_only_rows_with_a_box():
-    """A "no tumour" row (`</box>` first) teaches its tokens only: the box head's L1 + GIoU is the mean
-    over the rows with a box, whatever box tensor the empty row carries."""
+    """A "no tumour" row (`</box>` first) teaches its tokens only: the box head's L1 + GIoU is the
+    mean over the rows with a box, whatever box tensor the empty row carries."""
     images, answer, mask = batch()
     answer[0] = torch.tensor([BOX_END, EOS] + [PAD] * 8)
     mask = answer != PAD
@@ -453,7 +479,8 @@ def test_regress_loss_counts_only_rows_with_a_box():
         pred = m.box_mlp(m.llm(x, torch.arange(x.shape[1]))[1:, -1]).sigmoid()  # row 1 only
     extra = (pred - target[1:]).abs().mean() + (1 - generalized_iou(pred, target[1:])).mean()
     assert torch.allclose(loss, token_loss + extra, atol=1e-5)
-    assert torch.isfinite(m(images[:1], answer[:1], mask[:1], target[:1]))  # no row with a box: tokens only
+    # no row with a box: tokens only
+    assert torch.isfinite(m(images[:1], answer[:1], mask[:1], target[:1]))
 
 
 @pytest.mark.parametrize("box_head", ["tokens", "regress"])
@@ -465,7 +492,8 @@ def test_flip_average_answers_a_mirrored_study_with_the_mirrored_box(box_head):
     images, _, _ = batch()
     mirror = lambda b: torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
     (plain, p_plain), (flipped, p_flipped) = m.answer_boxes(images), m.answer_boxes(images.flip(-1))
-    assert not torch.allclose(flipped, mirror(plain), atol=1e-3)  # a model that is not symmetric by itself
+    # a model that is not symmetric by itself
+    assert not torch.allclose(flipped, mirror(plain), atol=1e-3)
     assert not torch.allclose(p_plain, p_flipped, atol=1e-4)
     m.cfg.flip_average = True
     both, p_both = m.answer_boxes(images)
@@ -501,7 +529,8 @@ def test_user_errors():
 def test_build_with_pretrained_llm(tmp_path):
     hf = hf_llama(tmp_path, tied=True)
     cfg = tiny_cfg()
-    cfg.llm = LLaMAConfig(vocab_size=100)  # the tokenizer's size; the rest comes from the checkpoint
+    # the tokenizer's size; the rest comes from the checkpoint
+    cfg.llm = LLaMAConfig(vocab_size=100)
     m = MiniGPT.build(cfg, llm_folder=tmp_path).eval()
     assert m.cfg.llm.vocab_size == 100 and m.cfg.llm.dim == 32 and m.cfg.llm.n_kv_heads == 2
     assert m.cfg.qformer.out_dim == 32 and m.llm.output.weight is m.llm.tok_embeddings.weight
@@ -528,9 +557,11 @@ def math_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
 
 
 @pytest.mark.parametrize("fusion", ["per-image", "early", "recipe"])
-@pytest.mark.parametrize("frozen", [(), ("vit", "qformer"), ("vit", "qformer", "llm"), ("vit",), ("llm",)])
+@pytest.mark.parametrize("frozen", [(), ("vit", "qformer"), ("vit", "qformer", "llm"), ("vit",),
+                                    ("llm",)])
 def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
-    """"recipe": the from-scratch CPU recipe's parts, a CNN stem, pooled queries and the patch loss."""
+    """"recipe": the from-scratch CPU recipe's parts, a CNN stem, pooled queries and the patch
+    loss."""
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
@@ -553,17 +584,20 @@ def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
 
 
 def test_build_with_pretrained_blip2_and_llama(tmp_path, tiny_blip2):
-    """MiniGPT-4's own setup: BLIP-2's ViT and Q-Former (its projection fits the LLM width) and a LLaMA."""
+    """MiniGPT-4's own setup: BLIP-2's ViT and Q-Former (its projection fits the LLM width) and a
+    LLaMA."""
     hf_llama(tmp_path / "llm", tied=False)
     blip = tiny_blip2(tmp_path / "blip2", perturb=0.2)
     cfg = tiny_cfg()
     cfg.llm = LLaMAConfig(vocab_size=100)
     m = MiniGPT.build(cfg, vision_folder=tmp_path / "blip2", llm_folder=tmp_path / "llm").eval()
-    assert (m.cfg.vit.width, m.cfg.qformer.width, m.cfg.qformer.vision_width, m.cfg.qformer.out_dim) == (24, 16, 24, 32)
+    assert (m.cfg.vit.width, m.cfg.qformer.width, m.cfg.qformer.vision_width,
+            m.cfg.qformer.out_dim) == (24, 16, 24, 32)
     images = batch()[0]
     with torch.no_grad():
         ours = m.encode_images(images)  # (2, 3, 3, 32)
-        ref = blip.get_image_features(pixel_values=images.flatten(0, 1)).pooler_output.view(2, 3, 3, 32)
+        ref = (blip.get_image_features(pixel_values=images.flatten(0, 1)).pooler_output
+               .view(2, 3, 3, 32))
     assert rel_err(ours, ref) <= 1e-4
     m.save_pretrained(tmp_path / "ckpt")
     r = MiniGPT.from_checkpoint(tmp_path / "ckpt").eval()
@@ -573,14 +607,16 @@ def test_build_with_pretrained_blip2_and_llama(tmp_path, tiny_blip2):
 def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
     images, answer, mask = batch()
     calls, real = [], torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     grads = []
     for ckpt in (False, True):
         m = tiny_model().train()
         m.llm.grad_checkpoint = ckpt
         loss = m(images, answer, mask)
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                      if p.grad is not None}))
     (l0, g0), (l1, g1) = grads
     assert len(calls) == 2  # one per block of the checkpointed run, none in the plain one
     assert torch.equal(l0, l1) and g0.keys() == g1.keys()
@@ -589,8 +625,9 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
 
 
 def test_patch_loss_targets_the_covered_share_of_each_patch():
-    """tiny_cfg's ViT: 16 px, patch 8 -> a 2 x 2 grid. A box [0.25, 0, 0.75, 0.5] covers half of each top
-    patch and nothing of the bottom ones; the loss is the BCE of the patch head's logits against that."""
+    """tiny_cfg's ViT: 16 px, patch 8 -> a 2 x 2 grid. A box [0.25, 0, 0.75, 0.5] covers half of
+    each top patch and nothing of the bottom ones; the loss is the BCE of the patch head's logits
+    against that."""
     m = tiny_model(patch_loss=1.0)
     tokens = torch.randn(1, 3, 5, 32)
     box = torch.tensor([[0.25, 0.0, 0.75, 0.5]])
@@ -600,6 +637,6 @@ def test_patch_loss_targets_the_covered_share_of_each_patch():
     torch.testing.assert_close(m.patch_loss_of(tokens, box), expect)
     images, answer, mask = batch(B=1)
     with_aux = m(images, answer, mask, boxes=box)
-    aux = m.patch_loss_of(m.vit_tokens(images), box)
+    aux = m.patch_loss_of(m.vit_features(images), box)
     m.patch_head = None  # the same model without the auxiliary term
     torch.testing.assert_close(with_aux - m(images, answer, mask, boxes=box), aux)

@@ -17,10 +17,10 @@ DT = {np.dtype("int16"): 4, np.dtype("uint8"): 2, np.dtype("float32"): 16, np.dt
       np.dtype("int32"): 8, np.dtype("uint16"): 512}
 
 
-def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0.0, form="sform", endian="<",
-                offset=(0.0, 0.0, 0.0)):
-    """A minimal single-file NIfTI-1 (gzip): `stored` is the on-disk array (x fastest), `rot` maps its
-    voxel axes to RAS world directions (in mm per voxel), offset is the world position of voxel 0."""
+def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0.0, form="sform",
+                endian="<", offset=(0.0, 0.0, 0.0)):
+    """A minimal single-file NIfTI-1 (gzip): `stored` is the on-disk array (x fastest), `rot` maps
+    its voxel axes to RAS world directions (in mm per voxel), `offset` is voxel 0's place in mm."""
     h = bytearray(352)
     e = endian
     struct.pack_into(e + "i", h, 0, 348)
@@ -31,7 +31,8 @@ def write_nifti(path, stored, rot=np.diag([-1.0, -1.0, 1.0]), slope=1.0, inter=0
     struct.pack_into(e + "2f", h, 112, slope, inter)
     if form == "sform":
         struct.pack_into(e + "2h", h, 252, 0, 1)
-        struct.pack_into(e + "12f", h, 280, *np.concatenate([rot, np.array(offset, float)[:, None]], 1).ravel())
+        sform = np.concatenate([rot, np.array(offset, float)[:, None]], 1)  # (3, 4)
+        struct.pack_into(e + "12f", h, 280, *sform.ravel())
     else:  # qform: rotation as a quaternion (only the identity and 180 deg about z used here)
         struct.pack_into(e + "2h", h, 252, 1, 0)
         b, c, d = (0, 0, 1) if np.allclose(rot, np.diag([-1, -1, 1])) else (0, 0, 0)
@@ -50,7 +51,8 @@ def ras_volume(shape=(6, 5, 4)):
 @pytest.mark.parametrize("endian", ["<", ">"])
 def test_read_nifti_orients_to_ras(tmp_path, form, endian):
     ras = ras_volume()
-    write_nifti(tmp_path / "v.nii.gz", ras[::-1, ::-1, :].copy(), form=form, endian=endian)  # stored as BraTS: L, P, S
+    stored = ras[::-1, ::-1, :].copy()  # as BraTS stores it: L, P, S
+    write_nifti(tmp_path / "v.nii.gz", stored, form=form, endian=endian)
     got = prepare.read_nifti(tmp_path / "v.nii.gz")
     assert got.dtype == np.float32 and np.array_equal(got, ras)
 
@@ -58,7 +60,7 @@ def test_read_nifti_orients_to_ras(tmp_path, form, endian):
 def test_read_nifti_permuted_axes(tmp_path):
     ras = ras_volume()
     stored = ras.transpose(2, 0, 1)[::-1].copy()  # voxel axes: (inferior, right, anterior)
-    rot = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)  # column i: world direction of voxel axis i
+    rot = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)  # column i: voxel axis i's direction
     write_nifti(tmp_path / "v.nii.gz", stored, rot=rot)
     assert np.array_equal(prepare.read_nifti(tmp_path / "v.nii.gz"), ras)
 
@@ -89,9 +91,11 @@ def test_read_nifti_refuses_what_it_cannot_read(tmp_path):
     corrupt = bytearray(gzip.compress(raw))
     corrupt[30:60] = bytes(30)  # the compressed stream damaged, not cut short
     (tmp_path / "corrupt.nii.gz").write_bytes(bytes(corrupt))
-    for name, message in [("png.nii.gz", "cannot be read as a NIfTI file"), ("text.nii", "too short"),
+    for name, message in [("png.nii.gz", "cannot be read as a NIfTI file"),
+                          ("text.nii", "too short"),
                           ("corrupt.nii.gz", "cannot be read as a NIfTI file"),
-                          ("4d.nii.gz", "a 4-D image; expected one 3-D volume"), ("short.nii.gz", "truncated"),
+                          ("4d.nii.gz", "a 4-D image; expected one 3-D volume"),
+                          ("short.nii.gz", "truncated"),
                           ("missing.nii.gz", "cannot be read as a NIfTI file")]:
         with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / name}: {message}")):
             prepare.read_nifti(tmp_path / name)
@@ -105,9 +109,9 @@ def true_box(mask):
 
 def test_slice_boxes_map_back_to_the_files_voxels_and_millimetres(tmp_path):
     """A tumour stored in a file with permuted, flipped axes and 2 mm voxels: the union of its slice
-    boxes, in any view, maps back (volume_box, Grid.to_file) to its box in the file's own voxels, and
-    Grid.to_mm to the hand-computed millimetres."""
-    stored = np.zeros((7, 11, 9), np.uint8)  # voxel axes: (inferior, right, anterior), as in the test above
+    boxes, in any view, maps back (volume_box, Grid.to_file) to its box in the file's own voxels,
+    and Grid.to_mm to the hand-computed millimetres."""
+    stored = np.zeros((7, 11, 9), np.uint8)  # voxel axes: (inferior, right, anterior), as above
     stored[2:5, 3:9, 1:4] = 1
     rot = 2 * np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)
     write_nifti(tmp_path / "seg.nii.gz", stored, rot=rot, offset=(10.0, -20.0, 30.0))
@@ -125,19 +129,31 @@ def test_slice_boxes_map_back_to_the_files_voxels_and_millimetres(tmp_path):
         boxes = np.array(boxes)
         union = list(boxes[:, :3].min(0)) + list(boxes[:, 3:].max(0))
         assert grid.to_file(union) == [2, 3, 1, 5, 9, 4], view
-    # voxel i of axis 0 (inferior) is at z = 30 - 2 i mm, axis 1 at x = 10 + 2 j, axis 2 at y = -20 + 2 k; edges at i - 0.5
-    assert grid.to_mm([2, 3, 1, 5, 9, 4]) == [10 + 2 * 2.5, -20 + 2 * 0.5, 30 - 2 * 4.5, 10 + 2 * 8.5, -20 + 2 * 3.5, 30 - 2 * 1.5]
+    # voxel i of axis 0 (inferior) is at z = 30 - 2 i mm, axis 1 at x = 10 + 2 j, axis 2 at
+    # y = -20 + 2 k; edges at i - 0.5
+    assert grid.to_mm([2, 3, 1, 5, 9, 4]) == [10 + 2 * 2.5, -20 + 2 * 0.5, 30 - 2 * 4.5,
+                                              10 + 2 * 8.5, -20 + 2 * 3.5, 30 - 2 * 1.5]
+
+
+def test_to_mm_rounds_to_a_tenth_of_a_millimetre():
+    """Voxels of 0.9375 x 0.9375 x 1.2 mm: the millimetres of their edges rounded to 0.1 mm."""
+    grid = prepare.Grid((4, 4, 4), (0, 1, 2), (False,) * 3, np.diag([0.9375, 0.9375, 1.2, 1.0]))
+    mm = grid.to_mm([1, 2, 3, 3, 4, 4])  # edges at 0.46875, 1.40625, 3.0, 2.34375, 3.28125, 4.2 mm
+    assert mm == [0.5, 1.4, 3.0, 2.3, 3.3, 4.2] and all(type(v) is float for v in mm)
 
 
 def test_read_study_errors_name_the_file(tmp_path):
     a = np.ones((6, 5, 4), np.float32)
     write_nifti(tmp_path / "a.nii.gz", a)
     write_nifti(tmp_path / "b.nii.gz", np.ones((6, 5, 3), np.float32))
-    write_nifti(tmp_path / "z.nii.gz", np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32))
-    with pytest.raises(data.DataError, match=re.escape("one shape, got a.nii.gz (6, 5, 4), b.nii.gz (6, 5, 3)")):
+    z = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    write_nifti(tmp_path / "z.nii.gz", z)
+    message = "one shape, got a.nii.gz (6, 5, 4), b.nii.gz (6, 5, 3)"
+    with pytest.raises(data.DataError, match=re.escape(message)):
         prepare.read_study([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"])
-    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / 'z.nii.gz'}: nonzero in 100% of the voxels")):
-        prepare.read_study([tmp_path / "z.nii.gz"])  # z-scored: no zero background to find the brain by
+    message = f"{tmp_path / 'z.nii.gz'}: nonzero in 100% of the voxels"
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        prepare.read_study([tmp_path / "z.nii.gz"])  # z-scored: no zero background marks the brain
     mask = np.zeros((6, 5, 4), np.uint8)
     mask[1:5, 1:4, 1:3] = 1
     write_nifti(tmp_path / "mask.nii.gz", mask)
@@ -147,7 +163,7 @@ def test_read_study_errors_name_the_file(tmp_path):
 
 
 def make_case(root, name, mods=("t2f", "t1c"), seg=True, shape=(24, 20, 6)):
-    """A small study in RAS: brain = a box of noise; tumour in the front-right, bright on every modality."""
+    """A small study in RAS: brain = a box of noise; the tumour front-right, bright everywhere."""
     d = root / name
     d.mkdir(parents=True)
     rng = np.random.default_rng(len(name))
@@ -162,48 +178,65 @@ def make_case(root, name, mods=("t2f", "t1c"), seg=True, shape=(24, 20, 6)):
         write_nifti(d / f"{name}-seg.nii.gz", (2 * tumour).astype(np.uint8)[::-1, ::-1].copy())
 
 
-def test_convert_brats_synthetic(tmp_path):
+def test_convert_brats_synthetic(tmp_path, monkeypatch):
+    """Rows name their patient as "case" and the split is by it: the converter never reads the
+    patient back from file names (data.case_id, the fallback for users' own files, fails here)."""
+    fail = lambda *paths: pytest.fail(f"patient read from the names {paths}")
+    monkeypatch.setattr(data, "case_id", fail)
     src = tmp_path / "src"
     for k in range(4):
         make_case(src, f"BraTS-TEST-0000{k}-000")
     make_case(src, "BraTS-TEST-00009-000", seg=False)
     messages = []
-    counts = prepare.convert_brats(src, tmp_path / "out", ("axial", "sagittal"), min_tumor_px=10, val_fraction=0.25, log=messages.append)
+    counts = prepare.convert_brats(src, tmp_path / "out", ("axial", "sagittal"), min_tumor_px=10,
+                                   val_fraction=0.25, log=messages.append)
     assert counts == {"axial": 4 * 4, "sagittal": 4 * 4}
-    assert any("BraTS-TEST-00009-000: no BraTS-TEST-00009-000-seg.nii.gz" in m and "skipped" in m for m in messages)
+    no_seg = "BraTS-TEST-00009-000: no BraTS-TEST-00009-000-seg.nii.gz"
+    assert any(no_seg in m and "skipped" in m for m in messages)
     mods, samples = data.read_summary(tmp_path / "out" / "axial" / "summary.jsonl")
     assert mods == ["t2f Axial", "t1c Axial"]
     s = samples[0]
-    assert s.paths[0].endswith("images/BraTS-TEST-00000-000_0-001_0.jpg") and s.case == "BraTS-TEST-00000-000"
-    # axial image (Y=20 rows, X=24 cols), radiological: anterior at the top, patient's right on the left
+    assert s.paths[0].endswith("images/BraTS-TEST-00000-000_0-001_0.jpg")
+    assert s.case == "BraTS-TEST-00000-000"
+    # axial image (Y=20 rows, X=24 cols), radiological: anterior at the top, patient's right left
     assert s.size == (24, 20) and s.boxes == [[24 - 22, 20 - 16, 24 - 18, 20 - 12]]
     img = np.asarray(Image.open(s.paths[1]))
-    assert img[5:7, 3:5].mean() > 200 and img[12:18, 10:20].mean() < 200  # the bright tumour is where the box is
+    assert img[5:7, 3:5].mean() > 200 and img[12:18, 10:20].mean() < 200  # bright tumour in the box
     assert img[0].max() < 20  # outside the brain is black
-    _, sag = data.read_summary(tmp_path / "out" / "sagittal" / "summary.jsonl", check_images=False)  # 6 px: listed, not read
-    assert sag[0].size == (20, 6) and sag[0].boxes == [[20 - 16, 6 - 5, 20 - 12, 6 - 1]]  # face left, top up
+    sagittal = tmp_path / "out" / "sagittal" / "summary.jsonl"
+    _, sag = data.read_summary(sagittal, check_images=False)  # 6 px high: listed, not read
+    assert sag[0].size == (20, 6)
+    assert sag[0].boxes == [[20 - 16, 6 - 5, 20 - 12, 6 - 1]]  # facing left, top up
     train = (tmp_path / "out" / "axial" / "train.jsonl").read_text().splitlines()
     val = (tmp_path / "out" / "axial" / "val.jsonl").read_text().splitlines()
-    case = lambda line: data.case_id(next(iter(json.loads(line).values())))
-    assert len(train) == 12 and len(val) == 4 and not {case(r) for r in train} & {case(r) for r in val}
+    case = lambda line: json.loads(line)["case"]
+    assert len(train) == 12 and len(val) == 4
+    assert not {case(r) for r in train} & {case(r) for r in val}
+    assert {case(r) for r in train + val} == {f"BraTS-TEST-0000{k}-000" for k in range(4)}
+    assert all(s.case == s.row["case"] == Path(s.paths[0]).name.split("_")[0] for s in samples)
 
 
 def test_convert_brats_negatives(tmp_path):
-    """--negatives 1: as many tumour-free slices as tumour slices where there are enough (here 2 of z
-    0 and 5, the tumour being on 1..4), "box": [], their pixels written like the others."""
+    """--negatives 1: as many tumour-free slices as tumour slices where there are enough (here 2 of
+    z 0 and 5, the tumour being on 1..4), "box": [], their pixels written like the others."""
     src = tmp_path / "src"
     for k in range(2):
         make_case(src, f"BraTS-TEST-0000{k}-000")
-    counts = prepare.convert_brats(src, tmp_path / "out", min_tumor_px=10, negatives=1.0, val_fraction=0.5, log=print)
+    counts = prepare.convert_brats(src, tmp_path / "out", min_tumor_px=10, negatives=1.0,
+                                   val_fraction=0.5, log=print)
     assert counts == {"axial": 2 * 6}
     _, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
     empty = [s for s in samples if not s.boxes]
-    assert [Path(s.paths[0]).name for s in empty][:2] == ["BraTS-TEST-00000-000_0-000_0.jpg", "BraTS-TEST-00000-000_0-005_0.jpg"]
+    assert [Path(s.paths[0]).name for s in empty][:2] == ["BraTS-TEST-00000-000_0-000_0.jpg",
+                                                          "BraTS-TEST-00000-000_0-005_0.jpg"]
     img = np.asarray(Image.open(empty[0].paths[0]))
-    assert len(empty) == 4 and (img[4:16, 4:20] > 0).mean() > 0.9 and img[0].max() < 20  # brain, black around it
-    prepare.convert_brats(src, tmp_path / "half", min_tumor_px=10, negatives=0.25, log=print)  # 1 per case: the first
+    assert len(empty) == 4
+    assert (img[4:16, 4:20] > 0).mean() > 0.9 and img[0].max() < 20  # brain, black around it
+    # 1 per case: the first
+    prepare.convert_brats(src, tmp_path / "half", min_tumor_px=10, negatives=0.25, log=print)
     _, samples = data.read_summary(tmp_path / "half" / "summary.jsonl")
-    assert [Path(s.paths[0]).name for s in samples if not s.boxes] == [f"BraTS-TEST-0000{k}-000_0-000_0.jpg" for k in range(2)]
+    names = [Path(s.paths[0]).name for s in samples if not s.boxes]
+    assert names == [f"BraTS-TEST-0000{k}-000_0-000_0.jpg" for k in range(2)]
 
 
 def test_convert_brats_real(shared_data, tmp_path):
@@ -213,7 +246,8 @@ def test_convert_brats_real(shared_data, tmp_path):
     for rel in ("brats2015-expert/BraTS2015-pat0001_1", "brats-format/BraTS-GLI-00001-000"):
         (src / rel.split("/")[1]).symlink_to(shared_data / rel)
     messages = []
-    counts = prepare.convert_brats(src, tmp_path / "out", ("axial",), min_tumor_px=100, log=messages.append)
+    counts = prepare.convert_brats(src, tmp_path / "out", ("axial",), min_tumor_px=100,
+                                   log=messages.append)
     assert any("BraTS-GLI-00001-000: no" in m for m in messages)
     assert counts["axial"] > 30
     mods, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
@@ -222,13 +256,13 @@ def test_convert_brats_real(shared_data, tmp_path):
         (x0, y0, x1, y1), = s.boxes
         flair = np.asarray(Image.open(s.paths[0]), np.float32)
         assert flair[int(y0):int(y1), int(x0):int(x1)].mean() > flair[flair > 0].mean()
-    # anatomically upright: the brain's top row (front) is narrower than its widest row, in the middle slice
+    # anatomically upright: the middle slice's top row (the front) is narrower than its widest
     mid = np.asarray(Image.open(samples[len(samples) // 2].paths[0])) > 0
     rows = np.nonzero(mid.any(1))[0]
     assert mid[rows[0] + 5].sum() < mid.sum(1).max()
 
 
-# -- demo dataset -----------------------------------------------------------------------------------
+# -- demo dataset ----------------------------------------------------------------------------------
 
 def test_demo_is_deterministic_and_readable(tmp_path):
     a = prepare.make_demo(tmp_path / "a", cases=3, slices_per_case=3, seed=7, size=64)
@@ -241,27 +275,31 @@ def test_demo_is_deterministic_and_readable(tmp_path):
     mods, samples = data.read_summary(a)
     assert mods == ["t2f Axial", "t2w Axial", "t1n Axial", "t1c Axial"] and len(samples) == 9
     assert [s.case for s in samples[:3]] == ["DEMO-00000-000"] * 3
+    assert all(s.row["case"] == s.case for s in samples)  # written by the converter, not parsed
     widths = [s.boxes[0][2] - s.boxes[0][0] for s in samples[:3]]
     assert len(set(widths)) > 1  # the tumour changes size across slices
 
 
 def test_demo_contrasts_follow_the_modalities():
-    """Oedema bright on FLAIR and T2, rim bright on T1c, necrosis dark on T1n, CSF bright on T2 dark on FLAIR."""
+    """Oedema bright on FLAIR and T2, rim bright on T1c, necrosis dark on T1n, CSF bright on T2 and
+    dark on FLAIR."""
     rng = np.random.default_rng(0)
     lab = np.full((64, 64), prepare.WM)
     lab[56:] = prepare.BACKGROUND
-    lab[:8], lab[8:16], lab[16:24], lab[24:32], lab[32:40] = prepare.BACKGROUND, prepare.CSF, prepare.OEDEMA, prepare.RIM, prepare.NECROSIS
-    t2f, t2w, t1n, t1c = [im.astype(float) for im in prepare._render(rng, lab, 64, np.ones(prepare._SIGNAL.shape))]
+    lab[:8], lab[8:16], lab[16:24] = prepare.BACKGROUND, prepare.CSF, prepare.OEDEMA
+    lab[24:32], lab[32:40] = prepare.RIM, prepare.NECROSIS
+    images = prepare._render(rng, lab, 64, np.ones(prepare._SIGNAL.shape))
+    t2f, t2w, t1n, t1c = [im.astype(float) for im in images]
     mean = lambda im, r: im[r * 8 + 2: r * 8 + 6, 10:50].mean()
     wm = lambda im: im[44:52, 10:50].mean()
     assert mean(t2f, 2) > wm(t2f) + 40 and mean(t2w, 2) > wm(t2w) + 40  # oedema
-    assert mean(t1c, 3) > wm(t1c) + 30 and mean(t1n, 3) < wm(t1n) - 30  # enhancing rim: only after contrast
+    assert mean(t1c, 3) > wm(t1c) + 30 and mean(t1n, 3) < wm(t1n) - 30  # enhancing: after contrast
     assert mean(t1n, 4) < wm(t1n) - 60  # necrosis
     assert mean(t2w, 1) > wm(t2w) + 60 and mean(t2f, 1) < wm(t2f) - 40  # CSF
     assert t2f[:4].max() == 0 and t1c[60:].max() == 0  # skull-stripped background
 
 
-# -- image + mask pairs -----------------------------------------------------------------------------
+# -- image + mask pairs ----------------------------------------------------------------------------
 
 def _pair(folder, key, mask, modalities=("flair", "t1c"), size=None):
     """Grey images `<key>_<mod>.png` and a mask `<key>_seg.png` (uint8 array, 0 and 255)."""
@@ -283,27 +321,32 @@ def test_masks_boxes_regions_cases_and_split(tmp_path):
     one[0:2, 0:2] = 1  # a 0/1 mask reads the same as 0/255
     _pair(src, "p2_1", one)
     mods = {"t2f": "{}_flair.png", "t1c": "{}_t1c.png"}
-    n = prepare.convert_masks(src, tmp_path / "out", mods, "{}_seg.png", val_fraction=0.5, log=lambda *a: None)
+    n = prepare.convert_masks(src, tmp_path / "out", mods, "{}_seg.png", val_fraction=0.5,
+                              log=lambda *a: None)
     assert n == 3
-    rows = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
-    assert [r["t2f Axial_path"] for r in rows] == ["../src/p1_2_flair.png", "../src/p1_10_flair.png", "../src/p2_1_flair.png"]
-    assert rows[0]["box"] == [[45, 31, 3, 5]]  # one box around all of mask > 0, [maxx, maxy, minx, miny]
+    summary = (tmp_path / "out" / "summary.jsonl").read_text()
+    rows = [json.loads(line) for line in summary.splitlines()]
+    assert [r["t2f Axial_path"] for r in rows] == [
+        "../src/p1_2_flair.png", "../src/p1_10_flair.png", "../src/p2_1_flair.png"]
+    assert rows[0]["box"] == [[45, 31, 3, 5]]  # one box around all of mask > 0, [maxx, maxy, ...]
     assert rows[1]["box"] == [] and rows[2]["box"] == [[2, 2, 0, 0]]
     assert [r["case"] for r in rows] == ["p1", "p1", "p2"]  # from the file names
     val = (tmp_path / "out" / "val.jsonl").read_text().splitlines()
     train = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
-    assert len(val) + len(train) == 3 and {json.loads(v)["case"] for v in val}.isdisjoint(json.loads(t)["case"] for t in train)
+    assert len(val) + len(train) == 3
+    assert {json.loads(v)["case"] for v in val}.isdisjoint(json.loads(t)["case"] for t in train)
     mods_read, samples = data.read_summary(tmp_path / "out" / "summary.jsonl", require_boxes=False)
     assert mods_read == ["t2f Axial", "t1c Axial"] and samples[0].size == (50, 40)
 
     # one box per connected region of at least 30 pixels; the csv names the patients
     (src / "cases.csv").write_text("key,patient\np1_2,A\np1_10,B\np2_1,B\n")
     messages = []
-    prepare.convert_masks(src, tmp_path / "out2", mods, "{}_seg.png", cases_csv=src / "cases.csv", min_region_px=30,
-                          log=messages.append)
-    rows = [json.loads(line) for line in (tmp_path / "out2" / "summary.jsonl").read_text().splitlines()]
+    prepare.convert_masks(src, tmp_path / "out2", mods, "{}_seg.png", cases_csv=src / "cases.csv",
+                          min_region_px=30, log=messages.append)
+    summary = (tmp_path / "out2" / "summary.jsonl").read_text()
+    rows = [json.loads(line) for line in summary.splitlines()]
     assert rows[0]["box"] == [[9, 10, 3, 5], [45, 31, 30, 20]] and rows[1]["box"] == []
-    assert len(rows) == 2  # p2_1's 4-pixel region is below the size: left out, neither a box nor "no tumour"
+    assert len(rows) == 2  # p2_1's 4-pixel region is too small: left out, no box nor "no tumour"
     assert "1 slices left out, their mask's regions all under 30 pixels" in messages[-1]
     assert [r["case"] for r in rows] == ["A", "B"]
 
@@ -312,11 +355,15 @@ def test_masks_bad_input_names_the_file(tmp_path):
     mods = {"t2f": "{}_flair.png", "t1c": "{}_t1c.png"}
     mask = np.zeros((20, 20), np.uint8)
     mask[2:5, 2:5] = 255
+    soft = (mask // 2 + np.eye(20, dtype=np.uint8)).astype(np.uint8)  # values 0, 1, 127, 128
     cases = [
-        ("size", lambda d: _pair(d, "a", mask, size=(20, 24)), "a_seg.png: mask is 20x20 but its image is 24x20"),
-        ("partner", lambda d: (_pair(d, "a", mask), (d / "a_t1c.png").unlink()), "a_t1c.png: missing"),
-        ("binary", lambda d: _pair(d, "a", (mask // 2 + np.eye(20, dtype=np.uint8)).astype(np.uint8)), "a_seg.png: mask is not binary"),
-        ("unreadable", lambda d: (_pair(d, "a", mask), (d / "a_seg.png").write_bytes(b"not a png")), "a_seg.png: cannot read the mask"),
+        ("size", lambda d: _pair(d, "a", mask, size=(20, 24)),
+         "a_seg.png: mask is 20x20 but its image is 24x20"),
+        ("partner", lambda d: (_pair(d, "a", mask), (d / "a_t1c.png").unlink()),
+         "a_t1c.png: missing"),
+        ("binary", lambda d: _pair(d, "a", soft), "a_seg.png: mask is not binary"),
+        ("unreadable", lambda d: (_pair(d, "a", mask), (d / "a_seg.png").write_bytes(b"not a png")),
+         "a_seg.png: cannot read the mask"),
         ("nothing", lambda d: None, "no file matches the t2f pattern"),
     ]
     for name, make, message in cases:
@@ -324,4 +371,5 @@ def test_masks_bad_input_names_the_file(tmp_path):
         d.mkdir()
         make(d)
         with pytest.raises(data.DataError, match=re.escape(message)):
-            prepare.convert_masks(d, tmp_path / f"out_{name}", mods, "{}_seg.png", log=lambda *a: None)
+            prepare.convert_masks(d, tmp_path / f"out_{name}", mods, "{}_seg.png",
+                                  log=lambda *a: None)

@@ -18,13 +18,14 @@ from model import MiniGPT
 from test_prepare import write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny model: every size flag set, so the CPU recipe's sizes do not apply. A test overrides a flag by
-# repeating it after TINY (argparse keeps the last).
-TINY = ["--image-size", "32", "--patch-size", "8", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
+# A tiny model: every size flag set, so the CPU recipe's sizes do not apply. A test overrides a flag
+# by repeating it after TINY (argparse keeps the last).
+TINY = ["--image-size", "32", "--patch-size", "8", "--vit-width", "32", "--vit-depth", "1",
+        "--vit-heads", "2",
         "--num-query", "4", "--qformer-width", "32", "--qformer-depth", "1", "--qformer-heads", "2",
         "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--num-bins", "64",
-        "--batch-size", "8", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu", "--no-augment",
-        "--box-head", "tokens"]
+        "--batch-size", "8", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu",
+        "--no-augment", "--box-head", "tokens"]
 
 
 def run(script, *args, ok=True, env_extra=None, runner=None):
@@ -47,13 +48,14 @@ def demo(tmp_path_factory):
 def trained(tmp_path_factory, demo):
     """A tiny model overfitted to the demo rows (validated on the same rows)."""
     out = tmp_path_factory.mktemp("run")
-    r = run("train.py", "--data", demo, "--val", demo, "--out", out, "--max-steps", 300, "--eval-every", 300,
-            "--lr", "3e-3", *TINY)
+    r = run("train.py", "--data", demo, "--val", demo, "--out", out, "--max-steps", 300,
+            "--eval-every", 300, "--lr", "3e-3", *TINY)
     return out, r
 
 
 def last_eval(out):
-    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "miou" in m][-1]
+    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "miou" in m][-1]
 
 
 def test_tiny_model_overfits_a_handful_of_samples(trained):
@@ -90,7 +92,8 @@ def test_sample_batch_prediction_file(trained, demo, tmp_path):
     rows_out = [json.loads(l) for l in pred.read_text().splitlines()]
     assert len(rows_out) == len(rows_in)
     for a, b in zip(rows_in, rows_out):
-        assert {k: v for k, v in a.items() if k.endswith("_path")} == {k: v for k, v in b.items() if k.endswith("_path")}
+        assert ({k: v for k, v in a.items() if k.endswith("_path")}
+                == {k: v for k, v in b.items() if k.endswith("_path")})
         assert len(b["box"]) == 1 and len(b["box"][0]) == 4
     assert "mean IoU" in r.stderr
     miou = float(r.stderr.split("mean IoU")[1].split(",")[0])
@@ -104,19 +107,25 @@ def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
     rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
     shuffled = tmp_path / "shuffled.jsonl"
     absolute = lambda k, v: str(Path(demo).parent / v) if k.endswith("_path") else v
-    shuffled.write_text("".join(json.dumps({k: absolute(k, v) for k, v in reversed(r.items())}) + "\n" for r in rows))
+    shuffled.write_text("".join(json.dumps({k: absolute(k, v) for k, v in reversed(r.items())})
+                                + "\n" for r in rows))
     boxes = lambda r: [json.loads(l)["box"][0] for l in r.stdout.splitlines()]
     a = boxes(run("sample.py", "--ckpt", out, "--data", demo))
     assert len(a) == len(rows)
-    assert boxes(run("sample.py", "--ckpt", out, "--data", shuffled)) == a  # the images go in the model's order
+    # the images go in the model's order
+    assert boxes(run("sample.py", "--ckpt", out, "--data", shuffled)) == a
     b = boxes(run("sample.py", "--ckpt", out, "--data", demo, "--bf16"))
     for x, y in zip(a, b):
-        assert max(abs(u - v) for u, v in zip(x, y)) <= 2 * 128 / 64 + 1e-6  # two bins of the 128 px demo
+        # two bins of the 128 px demo
+        assert max(abs(u - v) for u, v in zip(x, y)) <= 2 * 128 / 64 + 1e-6
+    import checkpoint
     import sample
-    model, meta, _ = sample.load(sample.find_checkpoint(out))
+    ckpt = checkpoint.load(checkpoint.find(out))
+    model, meta = ckpt.model, ckpt.meta
     _, samples = data.read_summary(demo)
     read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
-    for a, b in zip(sample.predict(model, samples, read, "cpu", batch_size=4, pad=True), sample.predict(model, samples, read, "cpu")):
+    padded = sample.predict(model, samples, read, "cpu", batch_size=4, pad=True)
+    for a, b in zip(padded, sample.predict(model, samples, read, "cpu")):
         assert torch.equal(a, b)
 
 
@@ -125,12 +134,14 @@ def test_rows_without_a_box_train_no_tumour_and_score_presence(trained, demo, tm
     rows[1]["box"] = []  # a slice without tumour
     f = Path(demo).parent / "one_empty.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run("train.py", "--data", f, "--val", f, "--out", tmp_path, "--max-steps", 2, "--eval-every", 2, *TINY)
+    r = run("train.py", "--data", f, "--val", f, "--out", tmp_path, "--max-steps", 2,
+            "--eval-every", 2, *TINY)
     assert f'training: 1 of {len(rows)} rows without a tumour ("box": [])' in r.stdout
     assert "presence sens" in r.stdout and "spec" in last_eval(tmp_path)
     r = run("sample.py", "--ckpt", trained[0], "--data", f)
     answers = [json.loads(l) for l in r.stdout.splitlines()]
-    assert len(answers) == len(rows) and all(0 <= a["p_tumour"] <= 1 for a in answers)  # every row answered
+    # every row answered
+    assert len(answers) == len(rows) and all(0 <= a["p_tumour"] <= 1 for a in answers)
     assert f"IoU on the {len(rows) - 1} rows with a box, presence on all {len(rows)}" in r.stderr
     empty = [r for r in rows if r["box"]]
     for r in empty:
@@ -143,9 +154,11 @@ def test_rows_without_a_box_train_no_tumour_and_score_presence(trained, demo, tm
 
 def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
     import sample
-    # 10..22 with gaps of 1 (13), 4 (17-20): one run; 3 and 40 lone, far away: dropped; 29, 30 a pair: dropped
+    # 10..22 with gaps of 1 (13), 4 (17-20): one run; 3 and 40 lone, far away: dropped; 29, 30 a
+    # pair: dropped
     kept, bridged, dropped = sample.tumour_runs([40, 3, 10, 11, 12, 14, 15, 16, 21, 22, 29, 30])
-    assert kept == [10, 11, 12, 14, 15, 16, 21, 22] and bridged == [13, 17, 18, 19, 20] and dropped == [3, 29, 30, 40]
+    assert (kept == [10, 11, 12, 14, 15, 16, 21, 22] and bridged == [13, 17, 18, 19, 20]
+            and dropped == [3, 29, 30, 40])
     # a gap of 5 splits: the longer part is the tumour, the other dropped, however long
     assert sample.tumour_runs([1, 2, 3, 9, 10, 11, 12]) == ([9, 10, 11, 12], [], [1, 2, 3])
     assert sample.tumour_runs([1, 2, 3, 6, 7], max_gap=1) == ([1, 2, 3], [], [6, 7])
@@ -157,7 +170,8 @@ def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
 def test_study_box_is_the_union_of_the_kept_slices():
     import sample
     shape = (100, 80, 30)  # RAS; axial slices are 100 wide (x reversed) and 80 high (y reversed)
-    answers = {10: [20, 30, 40, 50], 11: [18.4, 32, 41, 49], 13: [25, 28.6, 38, 52], 20: [0, 0, 99, 79]}
+    answers = {10: [20, 30, 40, 50], 11: [18.4, 32, 41, 49], 13: [25, 28.6, 38, 52],
+               20: [0, 0, 99, 79]}
     box = sample.study_box(answers, [10, 11, 13], "axial", shape)
     assert box == [100 - 41, 80 - 52, 10, 100 - 18, 80 - 29, 14]
 
@@ -205,7 +219,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo):
 
 
 def test_cached_vit_features_train_like_the_vit(tmp_path, demo):
-    """--cache-features runs a frozen ViT once per image: the run must end where the uncached one does."""
+    """--cache-features runs a frozen ViT once per image: the run must end where the uncached one
+    does."""
     common = ["--data", demo, "--max-steps", 6, "--eval-every", 6, *TINY, "--freeze-vit"]
     run("train.py", *common, "--out", tmp_path / "plain")
     r = run("train.py", *common, "--out", tmp_path / "cached", "--cache-features")
@@ -213,7 +228,8 @@ def test_cached_vit_features_train_like_the_vit(tmp_path, demo):
     a, b = (load_file(tmp_path / d / "ckpt" / "model.safetensors") for d in ("plain", "cached"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    r = run("train.py", *common, "--out", tmp_path / "bad", "--cache-features", "--augment", ok=False)
+    r = run("train.py", *common, "--out", tmp_path / "bad", "--cache-features", "--augment",
+            ok=False)
     assert r.returncode != 0 and "--no-augment" in r.stderr
 
 
@@ -230,8 +246,10 @@ def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path, demo
     answer = one.cfg.loc_start + torch.randint(0, one.cfg.num_bins, (4, 6), generator=g)
     mask = torch.ones(4, 6, dtype=torch.bool)
     with torch.no_grad():
-        torch.testing.assert_close(two(images, answer, mask), one(images, answer, mask), rtol=1e-4, atol=1e-5)
-        h1, h2 = (m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len)) for m in (one, two))
+        torch.testing.assert_close(two(images, answer, mask), one(images, answer, mask),
+                                   rtol=1e-4, atol=1e-5)
+        h1, h2 = (m.llm(m.splice_images(m.encode_images(images)), torch.arange(m.prompt_len))
+                  for m in (one, two))
         torch.testing.assert_close(h2, h1, rtol=1e-3, atol=1e-4)
 
 
@@ -244,9 +262,9 @@ def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo
     transformers = pytest.importorskip("transformers")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50), model_writer=buf,
-        model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(["where is the tumor? the brain scan shows it"] * 50),
+        model_writer=buf, model_type="bpe", vocab_size=300, byte_fallback=True, unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     torch.manual_seed(0)
     llm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -256,26 +274,35 @@ def test_train_and_answer_with_pretrained_blip2_and_llama_folders(tmp_path, demo
     (tmp_path / "llm" / "tokenizer.model").write_bytes(buf.getvalue())
     tiny_blip2(tmp_path / "blip2")
     out = tmp_path / "run"
-    r = run("train.py", "--data", demo, "--out", out, "--vision", tmp_path / "blip2", "--llm", tmp_path / "llm",
-            "--template", "vicuna", "--freeze-vit", "--freeze-qformer", "--lora-rank", 2, "--max-steps", 3,
-            "--eval-every", 3, "--batch-size", 4, "--log-every", 1, "--device", "cpu", "--num-bins", 16)
+    r = run("train.py", "--data", demo, "--out", out, "--vision", tmp_path / "blip2",
+            "--llm", tmp_path / "llm", "--template", "vicuna", "--freeze-vit", "--freeze-qformer",
+            "--lora-rank", 2, "--max-steps", 3, "--eval-every", 3, "--batch-size", 4,
+            "--log-every", 1, "--device", "cpu", "--num-bins", 16)
     assert "4 slot(s) x 3 image tokens" in r.stdout
     config = json.loads((out / "ckpt" / "config.json").read_text())
-    assert (config["vit"]["width"], config["vit"]["image_size"], config["qformer"]["width"], config["llm"]["dim"]) == (24, 16, 16, 32)
+    assert (config["vit"]["width"], config["vit"]["image_size"], config["qformer"]["width"],
+            config["llm"]["dim"]) == (24, 16, 16, 32)
     assert config["llm"]["vocab_size"] == sp.get_piece_size() + len(data.special_tokens(16))
     assert config["meta"]["template"] == "vicuna" and config["lora_rank"] == 2
     tok = data.Tokenizer(out / "ckpt" / "tokenizer.model", 16)
     assert "###Human:" in tok.decode(config["prompt_chunks"][0])
     _, samples = data.read_summary(demo)
-    answer = json.loads(run("sample.py", "--ckpt", out, "--images", *samples[0].paths).stdout.strip().splitlines()[-1])
+    answer = json.loads(run("sample.py", "--ckpt", out, "--images",
+                            *samples[0].paths).stdout.strip().splitlines()[-1])
     assert len(answer["box"][0]) == 4 and answer["size"] == list(samples[0].size)
 
 
-# -- a user's mistakes: one line that names the culprit, no traceback, nothing lost ------------------
+# -- a user's mistakes: one line that names the culprit, no traceback, nothing lost ---------------
 
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return path
+
+
+def _write_bytes(path, raw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw)
     return path
 
 
@@ -287,12 +314,14 @@ def _copy_ckpt(trained, folder):
 
 
 def _bad_inputs(t, demo, trained):
-    """(name, script, argv, words the one error line must hold, folder whose checkpoint must survive)."""
+    """(name, script, argv, words the one error line must hold, folder whose checkpoint must
+    survive)."""
     rows = [json.loads(l) for l in Path(demo).read_text().splitlines() if l.strip()]
     img = rows[0]["t2f Axial_path"]
     d = Path(demo).parent
     line = lambda **change: json.dumps({**rows[0], **change})
-    bad_jsonl = lambda name, *lines: _write(d / f"{name}.jsonl", "\n".join([json.dumps(rows[1]), *lines]) + "\n")
+    bad_jsonl = lambda name, *lines: _write(d / f"{name}.jsonl",
+                                            "\n".join([json.dumps(rows[1]), *lines]) + "\n")
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.new("L", (4, 4)).save(d / "tiny.png")
     data_argv = lambda f: ["--data", f, "--out", t / "o", *TINY]
@@ -311,56 +340,117 @@ def _bad_inputs(t, demo, trained):
 
     return [
         ("no jsonl", "train.py", data_argv(d / "none.jsonl"), ["none.jsonl", "not found"], None),
-        ("bad json", "train.py", data_argv(bad_jsonl("badjson", "{not json")), ["badjson.jsonl:2"], None),
-        ("not an object", "train.py", data_argv(bad_jsonl("list", "[1, 2]")), ["list.jsonl:2"], None),
-        ("no paths", "train.py", data_argv(bad_jsonl("nopath", '{"box": [[1, 2, 3, 4]]}')), ["nopath.jsonl:2"], None),
-        ("other modalities", "train.py", data_argv(bad_jsonl("mods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))),
+        ("bad json", "train.py", data_argv(bad_jsonl("badjson", "{not json")),
+         ["badjson.jsonl:2"], None),
+        ("not an object", "train.py", data_argv(bad_jsonl("list", "[1, 2]")),
+         ["list.jsonl:2"], None),
+        ("no paths", "train.py", data_argv(bad_jsonl("nopath", '{"box": [[1, 2, 3, 4]]}')),
+         ["nopath.jsonl:2"], None),
+        ("other modalities", "train.py",
+         data_argv(bad_jsonl("mods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))),
          ["mods.jsonl:2"], None),
-        ("missing image", "train.py", data_argv(bad_jsonl("noimg", line(**{"t2f Axial_path": "gone.jpg"}))), ["noimg.jsonl:2", "gone.jpg"], None),
-        ("corrupt image", "train.py", data_argv(bad_jsonl("corrupt", line(**{"t2f Axial_path": "corrupt.jpg"}))),
+        ("missing image", "train.py",
+         data_argv(bad_jsonl("noimg", line(**{"t2f Axial_path": "gone.jpg"}))),
+         ["noimg.jsonl:2", "gone.jpg"], None),
+        ("corrupt image", "train.py",
+         data_argv(bad_jsonl("corrupt", line(**{"t2f Axial_path": "corrupt.jpg"}))),
          ["corrupt.jsonl:2", "corrupt.jpg"], None),
-        ("tiny image", "train.py", data_argv(bad_jsonl("tiny", line(**{"t2f Axial_path": "tiny.png"}))),
+        ("tiny image", "train.py",
+         data_argv(bad_jsonl("tiny", line(**{"t2f Axial_path": "tiny.png"}))),
          ["tiny.jsonl:2", "too small"], None),
-        ("flat box", "train.py", data_argv(bad_jsonl("flat", line(box=[[10, 10, 10, 20]]))), ["flat.jsonl:2"], None),
-        ("nan box", "train.py", data_argv(bad_jsonl("nan", line(box=[[float("nan"), 1, 5, 5]]))), ["nan.jsonl:2"], None),
-        ("text box", "train.py", data_argv(bad_jsonl("textbox", line(box=[["a", 1, 5, 5]]))), ["textbox.jsonl:2"], None),
-        ("short box", "train.py", data_argv(bad_jsonl("short", line(box=[[1, 5, 5]]))), ["short.jsonl:2"], None),
-        ("empty file", "train.py", data_argv(_write(d / "empty.jsonl", "\n")), ["empty.jsonl"], None),
-        ("val modalities", "train.py", [*data_argv(demo), "--val", bad_jsonl("valmods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))],
+        ("flat box", "train.py", data_argv(bad_jsonl("flat", line(box=[[10, 10, 10, 20]]))),
+         ["flat.jsonl:2"], None),
+        ("nan box", "train.py", data_argv(bad_jsonl("nan", line(box=[[float("nan"), 1, 5, 5]]))),
+         ["nan.jsonl:2"], None),
+        ("text box", "train.py", data_argv(bad_jsonl("textbox", line(box=[["a", 1, 5, 5]]))),
+         ["textbox.jsonl:2"], None),
+        ("short box", "train.py", data_argv(bad_jsonl("short", line(box=[[1, 5, 5]]))),
+         ["short.jsonl:2"], None),
+        ("empty file", "train.py", data_argv(_write(d / "empty.jsonl", "\n")),
+         ["empty.jsonl"], None),
+        ("val modalities", "train.py",
+         [*data_argv(demo), "--val",
+          bad_jsonl("valmods", json.dumps({"t1c Axial_path": img, "box": [[9, 9, 1, 1]]}))],
          ["valmods.jsonl"], None),
-        ("out is a file", "train.py", ["--data", demo, "--out", _write(t / "afile", "x"), *TINY], ["--out", "afile", "is a file"], None),
-        ("existing checkpoint", "train.py", ["--data", demo, "--out", ckpt("keep"), *TINY], ["--resume", "--overwrite", "keep"], t / "keep"),
-        ("resume with another size", "train.py", ["--data", demo, "--out", ckpt("resize"), "--resume", *TINY, "--dim", "64"],
+        ("out is a file", "train.py", ["--data", demo, "--out", _write(t / "afile", "x"), *TINY],
+         ["--out", "afile", "is a file"], None),
+        ("existing checkpoint", "train.py", ["--data", demo, "--out", ckpt("keep"), *TINY],
+         ["--resume", "--overwrite", "keep"], t / "keep"),
+        ("resume with another size", "train.py",
+         ["--data", demo, "--out", ckpt("resize"), "--resume", *TINY, "--dim", "64"],
          ["--dim 64", "(32)"], t / "resize"),
-        ("resume and overwrite", "train.py", ["--data", demo, "--out", ckpt("both"), "--resume", "--overwrite", *TINY],
+        ("resume and overwrite", "train.py",
+         ["--data", demo, "--out", ckpt("both"), "--resume", "--overwrite", *TINY],
          ["--resume", "--overwrite"], t / "both"),
-        ("resume nothing", "train.py", ["--data", demo, "--out", t / "fresh", "--resume", *TINY], ["--resume", "fresh"], None),
-        ("resume damaged state", "train.py", ["--data", demo, "--resume", *TINY, "--out",
-                                              damaged("state", lambda c: (c / "train_state.pt").write_bytes(b"junk"))],
+        ("resume nothing", "train.py", ["--data", demo, "--out", t / "fresh", "--resume", *TINY],
+         ["--resume", "fresh"], None),
+        ("resume damaged state", "train.py",
+         ["--data", demo, "--resume", *TINY, "--out",
+          damaged("state", lambda c: (c / "train_state.pt").write_bytes(b"junk"))],
          ["train_state.pt", "cannot be read"], t / "state"),
-        ("cache without frozen vit", "train.py", [*data_argv(demo), "--cache-features"], ["--cache-features"], None),
-        ("unknown flag value", "train.py", [*data_argv(demo), "--box-head", "circle"], ["--box-head", "circle"], None),
-        ("truncated weights", "sample.py", ["--images", *first, "--ckpt",
-                                            damaged("trunc", lambda c: (c / "model.safetensors").write_bytes(
-                                                (c / "model.safetensors").read_bytes()[:100]))],
+        ("cache without frozen vit", "train.py", [*data_argv(demo), "--cache-features"],
+         ["--cache-features"], None),
+        ("empty batches", "train.py", [*data_argv(demo), "--batch-size", "0"],
+         ["--batch-size 0", ">= 1"], None),
+        ("empty batches, the recipe", "train.py",
+         ["--data", demo, "--out", t / "o", "--batch-size", "0"], ["--batch-size 0"], None),
+        ("one bin", "train.py", [*data_argv(demo), "--num-bins", "1"],
+         ["--num-bins 1", "between 2"], None),
+        ("negative budget", "train.py", [*data_argv(demo), "--max-minutes", "-1"],
+         ["--max-minutes -1"], None),
+        ("nan lr", "train.py", [*data_argv(demo), "--lr", "nan"], ["--lr nan", "finite"], None),
+        ("image not a multiple of the patch", "train.py",
+         ["--data", demo, "--out", t / "o", "--image-size", "30", "--patch-size", "8"],
+         ["--image-size 30", "--patch-size 8"], None),
+        ("patch stem, image not a multiple", "train.py",
+         [*data_argv(demo), "--vit-stem", "patch", "--image-size", "30"],
+         ["--image-size 30"], None),
+        ("random bytes as data", "train.py",
+         data_argv(_write_bytes(d / "random.jsonl", bytes(range(256)) * 4)),
+         ["random.jsonl"], None),
+        ("resume a checkpoint without settings", "train.py",
+         ["--data", demo, "--resume", *TINY, "--out",
+          damaged("nosettings", lambda c: (c / "settings.json").unlink())],
+         ["settings.json", "missing"], t / "nosettings"),
+        ("unknown flag value", "train.py", [*data_argv(demo), "--box-head", "circle"],
+         ["--box-head", "circle"], None),
+        ("truncated weights", "sample.py",
+         ["--images", *first, "--ckpt",
+          damaged("trunc", lambda c: (c / "model.safetensors").write_bytes(
+              (c / "model.safetensors").read_bytes()[:100]))],
          ["model.safetensors"], t / "trunc"),
-        ("no weights", "sample.py", ["--images", *first, "--ckpt", damaged("noweights", lambda c: (c / "model.safetensors").unlink())],
+        ("no weights", "sample.py",
+         ["--images", *first, "--ckpt",
+          damaged("noweights", lambda c: (c / "model.safetensors").unlink())],
          ["no checkpoint in", "noweights"], t / "noweights"),
-        ("broken config", "sample.py", ["--images", *first, "--ckpt", damaged("badcfg", lambda c: (c / "config.json").write_text("{"))],
+        ("broken config", "sample.py",
+         ["--images", *first, "--ckpt",
+          damaged("badcfg", lambda c: (c / "config.json").write_text("{"))],
          ["config.json"], t / "badcfg"),
-        ("no config", "sample.py", ["--images", *first, "--ckpt", damaged("nocfg", lambda c: (c / "config.json").unlink())],
+        ("no config", "sample.py",
+         ["--images", *first, "--ckpt",
+          damaged("nocfg", lambda c: (c / "config.json").unlink())],
          ["no checkpoint in", "nocfg"], t / "nocfg"),
-        ("no tokenizer", "sample.py", ["--images", *first, "--ckpt", damaged("notok", lambda c: (c / "tokenizer.model").unlink())],
+        ("no tokenizer", "sample.py",
+         ["--images", *first, "--ckpt",
+          damaged("notok", lambda c: (c / "tokenizer.model").unlink())],
          ["tokenizer.model", "missing"], t / "notok"),
-        ("tensors of another shape", "sample.py", ["--images", *first, "--ckpt", damaged("shape", reshape)],
+        ("tensors of another shape", "sample.py",
+         ["--images", *first, "--ckpt", damaged("shape", reshape)],
          ["model.safetensors", "does not match"], t / "shape"),
-        ("wrong image count", "sample.py", ["--ckpt", trained[0], "--images", *first[:2]], ["got 2 images"], None),
-        ("missing image to answer", "sample.py", ["--ckpt", trained[0], "--images", *first[:3], str(d / "gone.png")],
+        ("wrong image count", "sample.py", ["--ckpt", trained[0], "--images", *first[:2]],
+         ["got 2 images"], None),
+        ("missing image to answer", "sample.py",
+         ["--ckpt", trained[0], "--images", *first[:3], str(d / "gone.png")],
          ["gone.png"], None),
-        ("corrupt image to answer", "sample.py", ["--ckpt", trained[0], "--images", *first[:3], str(d / "corrupt.jpg")],
+        ("corrupt image to answer", "sample.py",
+         ["--ckpt", trained[0], "--images", *first[:3], str(d / "corrupt.jpg")],
          ["corrupt.jpg"], None),
-        ("bad rows to answer", "sample.py", ["--ckpt", trained[0], "--data", bad_jsonl("answerbad", "{oops")], ["answerbad.jsonl:2"], None),
-        ("prepare without cases", "prepare.py", ["brats", t / "nowhere", t / "prep"], ["nowhere", "no case folders"], None),
+        ("bad rows to answer", "sample.py",
+         ["--ckpt", trained[0], "--data", bad_jsonl("answerbad", "{oops")],
+         ["answerbad.jsonl:2"], None),
+        ("prepare without cases", "prepare.py", ["brats", t / "nowhere", t / "prep"],
+         ["nowhere", "no case folders"], None),
     ]
 
 
@@ -380,8 +470,9 @@ def test_bad_inputs_give_one_clear_line_and_keep_checkpoints(trained, demo, tmp_
 
 
 def make_study(folder, shape=(48, 40, 16), mods=("t2f", "t1c"), seed=0):
-    """A synthetic study folder <case>-{t2f,t1c,seg}.nii.gz, stored as BraTS stores it (x and y flipped
-    against RAS): brain on slices 1..14 (0 and 15 show nothing), a bright tumour on slices 5..10."""
+    """A synthetic study folder <case>-{t2f,t1c,seg}.nii.gz, stored as BraTS stores it (x and y
+    flipped against RAS): brain on slices 1..14 (0 and 15 show nothing), a bright tumour on slices
+    5..10."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     X, Y, Z = shape
@@ -390,7 +481,8 @@ def make_study(folder, shape=(48, 40, 16), mods=("t2f", "t1c"), seed=0):
     brain &= (z >= 1) & (z <= Z - 2)
     tumour = brain & (np.abs(x - 30) <= 5) & (np.abs(y - 24) <= 4) & (z >= 5) & (z <= 10)
     for k, m in enumerate(mods):
-        v = np.where(brain, rng.normal(100, 8, shape) + 20 * np.sin(x / 3 + k), 0) + (150 + 50 * k) * tumour
+        v = (np.where(brain, rng.normal(100, 8, shape) + 20 * np.sin(x / 3 + k), 0)
+             + (150 + 50 * k) * tumour)
         write_nifti(folder / f"{folder.name}-{m}.nii.gz", v.astype(np.float32)[::-1, ::-1].copy())
     write_nifti(folder / f"{folder.name}-seg.nii.gz", tumour.astype(np.uint8)[::-1, ::-1].copy())
     return [X - 36, Y - 29, 5, X - 25, Y - 20, 11]  # the tumour's box in the file's voxels (edges)
@@ -410,33 +502,41 @@ def test_whole_study_end_to_end(tmp_path):
     src = tmp_path / "src"
     case = src / "BraTS-VOL-00000-000"
     truth = make_study(case)
-    run("prepare.py", "brats", src, tmp_path / "data", "--min-tumor-px", 10, "--negatives", 1, "--val-fraction", 0)
+    run("prepare.py", "brats", src, tmp_path / "data", "--min-tumor-px", 10, "--negatives", 1,
+        "--val-fraction", 0)
     rows = Path(tmp_path / "data" / "summary.jsonl").read_text().splitlines()
     assert len(rows) == 12 and sum(json.loads(r)["box"] == [] for r in rows) == 6
     summary = tmp_path / "data" / "summary.jsonl"
-    run("train.py", "--data", summary, "--val", summary, "--out", tmp_path / "run", "--max-steps", 300,
-        "--eval-every", 300, "--lr", "3e-3", *TINY)
+    run("train.py", "--data", summary, "--val", summary, "--out", tmp_path / "run",
+        "--max-steps", 300, "--eval-every", 300, "--lr", "3e-3", *TINY)
     m = last_eval(tmp_path / "run")
     assert m["sens"] == 1.0 and m["spec"] == 1.0 and m["miou"] >= 0.7
 
     png = tmp_path / "study.png"
     r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", case, "--draw", png)
     *lines, summ = [json.loads(l) for l in r.stdout.splitlines()]
-    assert summ["study"] == str(case) and summ["view"] == "axial" and summ["slices"] == 16 and summ["brain_slices"] == 14
-    assert summ["tumour_slices"] == 6 and summ["slice_range"] == [5, 10] and [l["slice"] for l in lines] == list(range(5, 11))
+    assert (summ["study"] == str(case) and summ["view"] == "axial" and summ["slices"] == 16
+            and summ["brain_slices"] == 14)
+    assert (summ["tumour_slices"] == 6 and summ["slice_range"] == [5, 10]
+            and [l["slice"] for l in lines] == list(range(5, 11)))
     assert summ["dropped_slices"] == [] and summ["bridged_slices"] == []
     assert box3_iou(summ["box_voxels"], truth) >= 0.6, (summ["box_voxels"], truth)
-    # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y mirrored
+    # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y
+    # mirrored
     x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
-    assert summ["box_mm"] == [-(x1 - 0.5), -(y1 - 0.5), z0 - 0.5, -(x0 - 0.5), -(y0 - 0.5), z1 - 0.5]
+    assert summ["box_mm"] == [-(x1 - 0.5), -(y1 - 0.5), z0 - 0.5, -(x0 - 0.5), -(y0 - 0.5),
+                              z1 - 0.5]
     # each slice is the converter's picture: the volume's answers are the converted rows' answers
     r = run("sample.py", "--ckpt", tmp_path / "run", "--data", summary)
-    by_slice = {int(json.loads(a)["t2f Axial_path"].split("-")[-1][:3]): json.loads(a) for a in r.stdout.splitlines()}
+    by_slice = {int(json.loads(a)["t2f Axial_path"].split("-")[-1][:3]): json.loads(a)
+                for a in r.stdout.splitlines()}
     for l in lines:
-        # the file holds x and y reversed against RAS, the radiological picture reverses them again: pixels are voxels
+        # the file holds x and y reversed against RAS, the radiological picture reverses them
+        # again: pixels are voxels
         (mx, my, nx, ny), = by_slice[l["slice"]]["box"]
         assert l["p_tumour"] == by_slice[l["slice"]]["p_tumour"]
-        assert l["box_voxels"] == [round(nx), round(ny), l["slice"], round(mx), round(my), l["slice"] + 1]
+        assert l["box_voxels"] == [round(nx), round(ny), l["slice"], round(mx), round(my),
+                                   l["slice"] + 1]
     assert all(by_slice[k]["box"] == [] for k in by_slice if not 5 <= k <= 10)
     with Image.open(png) as im:
         assert im.size[0] == 4 * 160 and im.size[1] > 2 * 160
@@ -451,13 +551,38 @@ def test_whole_study_end_to_end(tmp_path):
     (other / "BraTS-X" / "BraTS-X-t2f.nii.gz").symlink_to(case / f"{case.name}-t2f.nii.gz")
     t2f = case / f"{case.name}-t2f.nii.gz"
     for volume, message in [
-            ([other / "BraTS-X"], f"error: {other / 'BraTS-X'}: no BraTS-X-t1c.nii.gz (the checkpoint reads t2f, t1c)"),
-            ([t2f, other / "short.nii.gz"], f"error: volumes of one study must have one shape, got {t2f.name} (48, 40, 16), "
-                                            "short.nii.gz (48, 40, 15)"),
-            ([t2f, other / "4d.nii.gz"], f"error: {other / '4d.nii.gz'}: a 4-D image; expected one 3-D volume"),
-            ([t2f, other / "text.nii.gz"], f"error: {other / 'text.nii.gz'}: cannot be read as a NIfTI file"),
-            ([t2f], "error: got 1 volumes, but the checkpoint expects 2, one per modality in this order: t2f, t1c")]:
+            ([other / "BraTS-X"],
+             f"error: {other / 'BraTS-X'}: no BraTS-X-t1c.nii.gz (the checkpoint reads t2f, t1c)"),
+            ([t2f, other / "short.nii.gz"],
+             f"error: volumes of one study must have one shape, got {t2f.name} (48, 40, 16), "
+             "short.nii.gz (48, 40, 15)"),
+            ([t2f, other / "4d.nii.gz"],
+             f"error: {other / '4d.nii.gz'}: a 4-D image; expected one 3-D volume"),
+            ([t2f, other / "text.nii.gz"],
+             f"error: {other / 'text.nii.gz'}: cannot be read as a NIfTI file"),
+            ([t2f], "error: got 1 volumes, but the checkpoint expects 2, one per modality in this "
+                    "order: t2f, t1c")]:
         r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", *volume, ok=False)
-        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+        assert (r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+                and r.stderr.startswith(message)), r.stderr
     r = run("sample.py", "--ckpt", tmp_path / "run", "--volume", case, "--data", summary, ok=False)
     assert r.stderr.strip() == "error: give one of --images, --data and --volume (see --help)"
+
+
+def test_sample_without_input_answers_the_saved_validation_rows(tmp_path, demo):
+    """The run folder keeps the validation rows it scored (val.jsonl, paths absolute, the patient
+    under "case"): sample.py with no input answers the first of them, from any working folder."""
+    out = tmp_path / "run"
+    run("train.py", "--data", demo, "--out", out, "--max-steps", 2, "--eval-every", 2,
+        "--val-fraction", "0.34", *TINY)
+    _, samples = data.read_summary(demo)
+    _, val = data.split_by_patient(samples, 0.34, 0)
+    saved = [json.loads(l) for l in (out / "ckpt" / "val.jsonl").read_text().splitlines()]
+    assert [r["case"] for r in saved] == [s.case for s in val]
+    assert [[r[k] for k in r if k.endswith("_path")] for r in saved] == [s.paths for s in val]
+    settings = json.loads((out / "ckpt" / "settings.json").read_text())["settings"]
+    assert settings["val_fraction"] == 0.34 and settings["preset"] == "cpu"
+    r = run("sample.py", "--ckpt", out)
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(rows) == min(4, len(val))
+    assert [r["t2f Axial_path"] for r in rows] == [s.paths[0] for s in val[:4]]
