@@ -34,10 +34,13 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
+import train
 from config import PRESETS, Settings
-from model import LLaMAConfig, MiniGPT, MiniGPTConfig, llama_mapping, shape_parts
+from model import (LLaMAConfig, MiniGPT, MiniGPTConfig, generalized_iou, llama_mapping,
+                   shape_parts)
 from vision import (QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped,
                     qformer_mapping, vit_mapping)
 
@@ -281,12 +284,13 @@ def make_train_step(model, device, bf16: bool, compile: bool):
     return step
 
 
-def time_train(step, batch, device, steps: int, warmup: int) -> list[float]:
+def time_train(step, batch, device, steps: int, warmup: int, counter=False) -> list[float]:
+    """Seconds of each timed step(*batch) (step(i) with counter=True), after warmup steps."""
     times = []
     for i in range(warmup + steps):
         sync(device)
         t = time.perf_counter()
-        step(*batch)
+        step(i) if counter else step(*batch)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -305,6 +309,84 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times, box, bins
+
+
+# -----------------------------------------------------------------------------
+# the CPU recipe against the yardstick: training samples per second, side by side in one run
+
+
+def yardstick(channels: int) -> nn.Module:
+    """The plain CNN box regressor every accuracy figure is held against (docs/results.md): five
+    blocks of two conv3x3-BN-ReLU and a max-pool (32 to 256 channels), global average pooling, a
+    linear layer to 4 sigmoid outputs. The modalities are its input channels."""
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                             nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                             nn.MaxPool2d(2))
+    return nn.Sequential(block(channels, 32), block(32, 64), block(64, 128), block(128, 128),
+                         block(128, 256), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 4),
+                         nn.Sigmoid())
+
+
+def yardstick_step(net, optimizer, x, y):
+    """Its training step: a random left-right flip of the batch, L1 + (1 - GIoU), AdamW."""
+    if torch.rand(()).item() < 0.5:
+        x, y = x.flip(-1), torch.stack([1 - y[:, 2], y[:, 1], 1 - y[:, 0], y[:, 3]], 1)
+    p = net(x)
+    loss = F.l1_loss(p, y) + (1 - generalized_iou(p, y)).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def recipe_step(model, settings, optimizer, params, images, boxes, augment, step):
+    """train.py's step of the CPU recipe, all of it: the batch's augmentation, its answer tokens,
+    forward, backward, clip, AdamW. images (B, N, 3, S, S), boxes (B, 1, 4) normalised."""
+    cfg = model.cfg
+    images, boxes = augment(images, boxes, data.step_generator(0, step))
+    answer, mask = data.answer_tokens(boxes, torch.ones(len(boxes), dtype=torch.long),
+                                      cfg.num_bins, cfg.loc_start, cfg.box_end_id, cfg.eos_id,
+                                      cfg.pad_id)
+    return train.train_step(model, optimizer, params, (images, answer, mask, boxes, None),
+                            settings, ddp=False)
+
+
+def bench_recipe(args, emit):
+    """--recipe: samples/s of train.py's CPU recipe with each --modalities count, and of the
+    yardstick on the same batch size and image size, one after the other in this process."""
+    settings = Settings(**{**PRESETS["cpu"], "device": str(args.device), "compile": args.compile,
+                           "bf16": False})
+    B, S = settings.batch_size, settings.image_size
+    device = args.device
+    for n in args.modalities:
+        g = torch.Generator().manual_seed(n)
+        corners = torch.rand(B, 1, 2, 2, generator=g).sort(dim=2).values
+        boxes = corners.transpose(2, 3).reshape(B, 1, 4).to(device)
+        torch.manual_seed(0)
+        base = 256
+        parts = shape_parts(settings, base + N_SPECIALS)
+        cfg = MiniGPTConfig(**parts, n_images=n, **prompt_ids(base, n, (4, 2, 8)),
+                            loc_sigma=settings.loc_sigma, box_head=settings.box_head,
+                            patch_loss=settings.patch_loss, flip_average=True)
+        model = MiniGPT(cfg).to(device).train()
+        params, optimizer = train.make_optimizer(model, settings, device)
+        forward = torch.compile(model) if args.compile else model
+        images = torch.randn(B, n, 3, S, S, generator=g).to(device)
+        augment = data.Augment()
+        step = lambda k: recipe_step(forward, settings, optimizer, params, images, boxes,
+                                     augment, k)
+        ours = statistics.median(time_train(step, [], device, args.steps, args.warmup,
+                                            counter=True))
+        net = yardstick(n).to(device).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        x, y = images[:, :, 0], boxes[:, 0]
+        cnn = statistics.median(time_train(lambda: yardstick_step(net, opt, x, y), [], device,
+                                           args.steps, args.warmup))
+        emit(kind="recipe", modalities=n, batch_size=B, image_size=S, compiled=args.compile,
+             step_s=round(ours, 4), samples_per_s=round(B / ours, 1),
+             yardstick_step_s=round(cnn, 4), yardstick_samples_per_s=round(B / cnn, 1),
+             ratio=round(cnn / ours, 3), threads=torch.get_num_threads())
 
 
 # -----------------------------------------------------------------------------
@@ -338,6 +420,11 @@ def get_args(argv=None):
     p.add_argument("--answer", action=argparse.BooleanOptionalAction, default=True,
                    help="time answering (default on)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--recipe", action="store_true",
+                   help="instead of --shape: train.py's CPU recipe (augmentation included) against "
+                        "the yardstick CNN, samples/s of each and their ratio")
+    p.add_argument("--modalities", type=int, nargs="+", default=[3, 4],
+                   help="with --recipe: images per sample, one measurement each (default 3 4)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = args.device.type == "cuda"
@@ -361,6 +448,9 @@ def main(argv=None, out=print) -> list[dict]:
         records.append(r)
         out(json.dumps(r))
 
+    if args.recipe:
+        bench_recipe(args, emit)
+        return records
     cfg, B = shape_config(args.shape)
     B = args.batch_size or B
     peer_ok = False

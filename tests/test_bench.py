@@ -29,6 +29,23 @@ def has_transformers():
         return False
 
 
+def test_bench_recipe_against_the_yardstick():
+    """--recipe: the CPU recipe's whole training step and the yardstick CNN's, measured in one
+    run for each modality count; the ratio is the yardstick's step time over ours."""
+    lines = []
+    records = bench.main(["--recipe", "--modalities", "1", "2", "--steps", "1", "--warmup", "0"],
+                         out=lines.append)
+    assert [json.loads(l) for l in lines] == records
+    assert [r["modalities"] for r in records] == [1, 2]
+    for r in records:
+        assert r["kind"] == "recipe" and r["batch_size"] == 32 and r["image_size"] == 64
+        assert r["step_s"] > 0 and r["yardstick_step_s"] > 0
+        assert r["ratio"] == pytest.approx(r["yardstick_step_s"] / r["step_s"], rel=0.01, abs=1e-3)
+    net = bench.yardstick(3)
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 4)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 10
+
+
 @pytest.mark.parametrize("peer", [False, True])
 def test_bench_tiny_prints_json_lines(peer):
     if peer and not has_transformers():
