@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import train
 from config import PRESETS, Settings
@@ -420,6 +421,8 @@ def get_args(argv=None):
     p.add_argument("--answer", action=argparse.BooleanOptionalAction, default=True,
                    help="time answering (default on)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--ckpt", help="instead of --shape: a trained run folder (train.py's --out), "
+                                   "timed with its own weights and shape; no peer")
     p.add_argument("--recipe", action="store_true",
                    help="instead of --shape: train.py's CPU recipe (augmentation included) against "
                         "the yardstick CNN, samples/s of each and their ratio")
@@ -451,7 +454,12 @@ def main(argv=None, out=print) -> list[dict]:
     if args.recipe:
         bench_recipe(args, emit)
         return records
-    cfg, B = shape_config(args.shape)
+    run = checkpoint.load(checkpoint.find(args.ckpt)) if args.ckpt else None
+    if run:
+        cfg, B = run.model.cfg, run.saved["settings"]["batch_size"] if run.saved else 32
+        args.shape, args.peer = str(run.folder), False
+    else:
+        cfg, B = shape_config(args.shape)
     B = args.batch_size or B
     peer_ok = False
     if args.peer:
@@ -461,7 +469,7 @@ def main(argv=None, out=print) -> list[dict]:
         except ImportError:
             emit(kind="peer-skipped", reason="transformers is not installed "
                                              "(pip install transformers -c requirements.txt)")
-    if args.shape != "tiny" and device.type == "cpu":
+    if args.shape in SHAPE_NAMES[1:] and device.type == "cpu":
         with torch.device("meta"):  # the shapes build; FLOPs need no weights
             model, peer = MiniGPT(cfg), Peer(cfg) if peer_ok else None
         model.freeze(vit=True)
@@ -476,7 +484,8 @@ def main(argv=None, out=print) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):  # the peer when there is one, ours holding its weights either way
         peer = Peer(cfg) if peer_ok else None
-        model = ours_from_peer(peer, device) if peer_ok else MiniGPT(cfg)
+        model = (ours_from_peer(peer, device) if peer_ok else run.model.to(device) if run
+                 else MiniGPT(cfg))
     models = {"ours": model} | ({"peer": peer} if peer_ok else {})
     for m in models.values():
         m.train()

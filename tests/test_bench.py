@@ -46,6 +46,22 @@ def test_bench_recipe_against_the_yardstick():
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 10
 
 
+def test_bench_times_a_trained_run_folder(tmp_path):
+    """--ckpt: a run folder written by train.py, timed with its own shape and weights (loaded
+    through checkpoint.py)."""
+    import prepare
+    from test_train import TINY, run
+
+    demo = prepare.make_demo(tmp_path / "demo", cases=3, slices_per_case=2, seed=1)
+    run("train.py", "--data", demo, "--out", tmp_path / "run", "--max-steps", 2, "--eval-every", 2,
+        *TINY)
+    records = bench.main(["--ckpt", str(tmp_path / "run"), "--steps", "1", "--warmup", "0",
+                          "--answers", "1"], out=lambda line: None)
+    shape = next(r for r in records if r["kind"] == "shape")
+    assert shape["batch_size"] == 8 and shape["image_size"] == 32 and shape["images_per_sample"] == 4
+    assert {"train", "answer"} <= {r["kind"] for r in records}
+
+
 @pytest.mark.parametrize("peer", [False, True])
 def test_bench_tiny_prints_json_lines(peer):
     if peer and not has_transformers():
