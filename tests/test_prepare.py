@@ -151,9 +151,9 @@ def test_read_study_errors_name_the_file(tmp_path):
     message = "one shape, got a.nii.gz (6, 5, 4), b.nii.gz (6, 5, 3)"
     with pytest.raises(data.DataError, match=re.escape(message)):
         prepare.read_study([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"])
-    message = f"{tmp_path / 'z.nii.gz'}: nonzero in 100% of the voxels"
+    message = f"{tmp_path / 'z.nii.gz'}: its intensities do not split into air and head"
     with pytest.raises(data.DataError, match=re.escape(message)):
-        prepare.read_study([tmp_path / "z.nii.gz"])  # z-scored: no zero background marks the brain
+        prepare.read_study([tmp_path / "z.nii.gz"])  # noise: no zero background, no head in it
     mask = np.zeros((6, 5, 4), np.uint8)
     mask[1:5, 1:4, 1:3] = 1
     write_nifti(tmp_path / "mask.nii.gz", mask)
@@ -260,6 +260,216 @@ def test_convert_brats_real(shared_data, tmp_path):
     mid = np.asarray(Image.open(samples[len(samples) // 2].paths[0])) > 0
     rows = np.nonzero(mid.any(1))[0]
     assert mid[rows[0] + 5].sum() < mid.sum(1).max()
+
+
+# -- the NIfTI writer ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["sform", "qform"])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_write_nifti_keeps_the_studys_grid(tmp_path, form, endian):
+    """A volume written on a study's grid (axes permuted and flipped, 2 mm, an offset) reads back
+    as the same RAS array with the same affine, and the file keeps the study's sform and qform
+    fields byte for byte (what a viewer places the volume by)."""
+    stored = np.arange(7 * 11 * 9, dtype=np.int16).reshape(7, 11, 9)
+    rot = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], float)
+    rot, stored = (2 * rot, stored) if form == "sform" else (np.diag([-1.0, -1.0, 1.0]), stored)
+    write_nifti(tmp_path / "study.nii.gz", stored, rot=rot, form=form, endian=endian,
+                offset=(10.0, -20.0, 30.0))
+    ras, grid = prepare.read_volume(tmp_path / "study.nii.gz")
+    labels = (ras % 3).astype(np.uint8)
+    prepare.write_nifti(tmp_path / "labels.nii.gz", labels, grid, "boxes")
+    prepare.write_nifti(tmp_path / "plain.nii", ras.astype(np.float32), grid)
+    back, back_grid = prepare.read_volume(tmp_path / "labels.nii.gz")
+    assert np.array_equal(back, labels) and np.array_equal(back_grid.affine, grid.affine)
+    assert back_grid.axes == grid.axes and back_grid.flipped == grid.flipped
+    assert np.array_equal(prepare.read_nifti(tmp_path / "plain.nii"), ras)
+    with gzip.open(tmp_path / "study.nii.gz") as f:
+        study = f.read(348)
+    with gzip.open(tmp_path / "labels.nii.gz") as f:
+        written = f.read(352)
+    assert written[76:108] == study[76:108]  # pixdim (qfac, voxel sizes)
+    assert written[252:344] == study[252:344]  # qform and sform codes, quaternion, offsets, srows
+    e = endian
+    assert struct.unpack(e + "2h", written[70:74]) == (2, 8)  # uint8
+    assert written[148:153] == b"boxes" and written[344:348] == b"n+1\0"
+
+
+# -- studies without a brain mask: the head found in the study ------------------------------------
+
+def ellipsoid(shape, centre, radii):
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) < 1
+
+
+def dilate(mask, r):
+    """mask grown by r voxels, one 6-neighbour step at a time."""
+    for _ in range(r):
+        grown = mask.copy()
+        for a in range(3):
+            lo = (slice(None),) * a + (slice(None, -1),)
+            hi = (slice(None),) * a + (slice(1, None),)
+            grown[lo] |= mask[hi]
+            grown[hi] |= mask[lo]
+        mask = grown
+    return mask
+
+
+def scanner_background(vols, brain, seed=0, sigma=0.04, gap=3, skull=6, skull_level=0.8):
+    """A skull-stripped study (RAS volumes, 0 outside the brain) as a scanner gives it: a shell
+    `skull` voxels thick, `gap` voxels out from the brain, at skull_level times the brain's 99th
+    percentile (the skull and scalp), and Rician noise everywhere outside the brain (the magnitude
+    of complex Gaussian noise of sigma `sigma` times that percentile). The brain is kept."""
+    rng = np.random.default_rng(seed)
+    inner = dilate(brain, gap)
+    shell = dilate(inner, skull) & ~inner
+    noisy = []
+    for v in vols:
+        p99 = np.percentile(v[brain], 99)
+        noise = sigma * p99 * rng.standard_normal((2,) + v.shape, dtype=np.float32)
+        outside = np.hypot(np.where(shell, skull_level * p99, 0) + noise[0], noise[1])
+        noisy.append(np.where(brain, v, outside).astype(np.float32))
+    return noisy
+
+
+def write_scanner_case(src, dst, seed=0, **kw):
+    """The case folder src (<case>-<modality>.nii.gz, seg; background 0) -> the same study with a
+    scanner's background (scanner_background) in dst, named after dst, written on src's grids (no
+    brain mask). The seg is copied."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    read = {m: prepare.read_volume(p) for m in prepare.MODALITIES
+            if (p := prepare.case_file(src, m))}
+    brain = np.any([v != 0 for v, _ in read.values()], 0)
+    noisy = scanner_background([v for v, _ in read.values()], brain, seed, **kw)
+    for (m, (_, grid)), v in zip(read.items(), noisy):
+        prepare.write_nifti(dst / f"{dst.name}-{m}.nii.gz", v, grid)
+    (dst / f"{dst.name}-seg.nii.gz").write_bytes(prepare.case_file(src, "seg").read_bytes())
+
+
+def make_head_case(root, name, shape=(40, 36, 28), seed=0):
+    """A small study in RAS, background 0: brain = an ellipsoid on slices 8..20 (z) with a dark
+    ventricle in it, a bright tumour on slices 12..15; slices 0..7 and 21..27 show no brain."""
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    brain = ellipsoid(shape, (20, 18, 14), (12, 10, 7))
+    ventricle = ellipsoid(shape, (20, 17, 14), (3, 4, 2))
+    tumour = brain & ellipsoid(shape, (14, 22, 13.5), (4, 4, 2.2))
+    for k, m in enumerate(("t2f", "t1c")):
+        v = np.where(brain, rng.normal(100 + 10 * k, 10, shape), 0) + 150 * tumour
+        v = np.where(ventricle, 5, v)
+        write_nifti(d / f"{name}-{m}.nii.gz", v.astype(np.float32)[::-1, ::-1].copy())
+    write_nifti(d / f"{name}-seg.nii.gz", tumour.astype(np.uint8)[::-1, ::-1].copy())
+    return brain
+
+
+def test_head_region_covers_the_head_and_not_the_air():
+    """A head (brain with a dark ventricle, a gap, a bright skull) in Rician noise: the region is
+    the whole head, ventricle and gap filled (no holes), and none of the air more than one voxel
+    away from it; ~0.1 s at this size."""
+    shape = (40, 36, 28)
+    brain = ellipsoid(shape, (20, 18, 14), (12, 10, 7))
+    ventricle = ellipsoid(shape, (20, 17, 14), (3, 4, 2))
+    rng = np.random.default_rng(1)
+    vols = [np.where(ventricle, 5, np.where(brain, rng.normal(100, 10, shape), 0)),
+            np.where(ventricle, 5, np.where(brain, rng.normal(60, 5, shape), 0))]
+    vols = scanner_background(vols, brain, gap=2, skull=3)
+    head = dilate(brain, 5)
+    region = prepare.head_region(vols, "study")
+    assert region[head].all()  # brain, ventricle, gap and skull
+    assert not region[~dilate(head, 1)].any()  # the air
+    assert 0.2 < region.mean() < 0.5
+
+
+def test_head_region_refuses_noise_and_a_constant(tmp_path):
+    """Without a head in it, a study is refused with one line naming its file and saying why."""
+    rng = np.random.default_rng(0)
+    shape = (40, 36, 28)
+    rician = np.hypot(*rng.normal(10, 3, (2,) + shape))
+    split = "its intensities do not split into air and head"
+    for name, v, why in [("gauss", rng.normal(0, 1, shape), split), ("rician", rician, split),
+                         ("constant", np.full(shape, 7.0), "every voxel holds one value")]:
+        write_nifti(tmp_path / f"{name}.nii.gz", v.astype(np.float32))
+        with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / name}.nii.gz: ") + why):
+            prepare.read_study([tmp_path / f"{name}.nii.gz"])
+
+
+@pytest.mark.parametrize("background", ["zero", "scanner"])
+def test_negatives_come_from_slices_that_show_the_head(tmp_path, background):
+    """--negatives takes its tumour-free slices only from slices that show the brain (background
+    0) or the head (a scanner's background): never from the slices of air above and below it."""
+    clean = tmp_path / "clean"
+    brain = make_head_case(clean, "BraTS-HEAD-00000-000")
+    src = clean
+    reach = 0  # how far the head reaches beyond the brain
+    if background == "scanner":
+        src, reach = tmp_path / "scanner", 3
+        write_scanner_case(clean / "BraTS-HEAD-00000-000", src / "BraTS-HEAD-00000-000", gap=1,
+                           skull=2)
+    prepare.convert_brats(src, tmp_path / "out", min_tumor_px=1, negatives=10, val_fraction=0,
+                          log=lambda *a: None)
+    _, samples = data.read_summary(tmp_path / "out" / "summary.jsonl", require_boxes=False)
+    slice_of = lambda s: int(Path(s.paths[0]).name.split("-")[-1][:3])
+    tumour = [slice_of(s) for s in samples if s.boxes]
+    free = [slice_of(s) for s in samples if not s.boxes]
+    assert tumour == [12, 13, 14, 15]
+    shows = np.nonzero(dilate(brain, reach).any((0, 1)))[0]  # 8..20, with the skull 5..23
+    assert set(free) <= set(shows), f"tumour-free slices {free} outside the head {shows}"
+    assert {9, 10, 11, 16, 17, 18, 19} <= set(free)
+
+
+@pytest.mark.parametrize("background", ["zero", "scanner"])
+def test_window_sits_inside_the_brain_or_head(tmp_path, background):
+    """Intensities are windowed by percentiles inside the brain (or the head), not over the whole
+    volume, whose air is most of it: 0.5% of the region is black, 0.5% white, and the brain spans
+    the grey range."""
+    case = tmp_path / "clean" / "BraTS-HEAD-00000-000"
+    brain = make_head_case(tmp_path / "clean", case.name)
+    if background == "scanner":  # the skull against the brain, as bright as brain: no dark gap
+        write_scanner_case(case, tmp_path / "scanner" / case.name, gap=0, skull=2)
+        case = tmp_path / "scanner" / case.name
+    images, region, _ = prepare.read_study([case / f"{case.name}-t2f.nii.gz"])
+    assert region[brain].all() and region.mean() < 0.4
+    t2f = images[0][region]
+    assert 0.002 < (t2f == 0).mean() < 0.03 and 0.002 < (t2f == 255).mean() < 0.03
+    grey = images[0][brain & ~dilate(~brain, 1)]  # inside the brain, off its edge
+    assert np.percentile(grey, 1) < 40 and np.percentile(grey, 99) > 230
+
+
+def test_brain_mask_wins_over_the_head(tmp_path):
+    """A study with a scanner's background and its brain mask is windowed inside the mask."""
+    case = tmp_path / "clean" / "BraTS-HEAD-00000-000"
+    brain = make_head_case(tmp_path / "clean", case.name)
+    noisy = tmp_path / "scanner" / case.name
+    write_scanner_case(case, noisy, gap=1, skull=2)
+    write_nifti(tmp_path / "mask.nii.gz", brain.astype(np.uint8)[::-1, ::-1].copy())
+    images, region, _ = prepare.read_study([noisy / f"{case.name}-t2f.nii.gz"],
+                                           tmp_path / "mask.nii.gz")
+    assert np.array_equal(region, brain) and not images[0][~brain].any()
+
+
+def test_scanner_study_converts_like_the_clean_one(tmp_path):
+    """The converter on a study with a scanner's background (skull and noise, no brain mask)
+    keeps the clean study's tumour slices and boxes, and its pictures of the brain stay close to
+    the clean ones: 3-4 grey levels apart on average (measured), as the window's ends move a
+    little (the head holds the skull and the noise under it)."""
+    brain = make_head_case(tmp_path / "clean", "BraTS-HEAD-00000-000")
+    write_scanner_case(tmp_path / "clean" / "BraTS-HEAD-00000-000",
+                       tmp_path / "scanner" / "BraTS-HEAD-00000-000", gap=1, skull=2)
+    rows = {}
+    for kind in ("clean", "scanner"):
+        prepare.convert_brats(tmp_path / kind, tmp_path / f"out_{kind}", min_tumor_px=1,
+                              negatives=1, val_fraction=0, log=lambda *a: None)
+        _, rows[kind] = data.read_summary(tmp_path / f"out_{kind}" / "summary.jsonl",
+                                          require_boxes=False)
+    tumour = {k: [(Path(s.paths[0]).name, s.boxes) for s in v if s.boxes] for k, v in rows.items()}
+    assert tumour["clean"] == tumour["scanner"] and len(tumour["clean"]) == 4
+    assert sum(not s.boxes for s in rows["scanner"]) == 4
+    for a, b in zip(*[[s for s in v if s.boxes] for v in rows.values()]):
+        k = int(Path(a.paths[0]).name.split("-")[-1][:3])
+        for pa, pb in zip(a.paths, b.paths):
+            clean, noisy = (np.asarray(Image.open(p), np.float32) for p in (pa, pb))
+            assert np.abs(clean - noisy)[prepare.view_slice(brain, "axial", k)].mean() < 6
 
 
 # -- demo dataset ----------------------------------------------------------------------------------
