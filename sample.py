@@ -5,6 +5,7 @@ Ask a trained minigpt-mri model where the tumour is.
     python sample.py --data val.jsonl --out pred.jsonl [--ckpt out]
     python sample.py --volume CASE_DIR [--draw study.png]   # a whole NIfTI study
     python sample.py --volume t2f.nii.gz t1n.nii.gz          # or one volume per modality
+    python sample.py --volume CASE_DIR --save-nifti boxes.nii.gz   # the boxes, for a viewer
     python sample.py                      # the first validation rows the checkpoint was scored on
 
 One image per modality, in the checkpoint's order. The answer is one JSON line: the box in the
@@ -12,8 +13,10 @@ training data's corner order (by default [maxx, maxy, minx, miny]; --box-format 
 [x, y, w, h]), in pixels of the image size it names, or "box": [] for "no tumour".
 
 A whole study (--volume) is read and windowed as prepare.py's converter does it, and every slice of
-the trained view that shows brain is answered: one JSON line per slice with a tumour, then a summary
-line with the tumour's 3-D box in the file's voxels and in millimetres (see study_box).
+the trained view that shows brain (or head, for a scan with its skull: prepare.head_region) is
+answered: one JSON line per slice with a tumour, then a summary line with the tumour's 3-D box in
+the file's voxels and in millimetres (see study_box); --save-nifti writes the boxes as a label
+volume on the study's grid, for a viewer.
 """
 
 import argparse
@@ -126,7 +129,8 @@ def draw(sample, modalities, pred, path):
 # -----------------------------------------------------------------------------
 # Whole studies: every slice of a NIfTI study, then one 3-D box from the slices' answers
 
-MAX_GAP = 4  # up to this many "no tumour" slices between two tumour slices are bridged (one run)
+# "no tumour" slices between two tumour slices are bridged (one run) up to this far (see gap_slices)
+MAX_GAP_MM = 4.0
 
 
 def study_files(volume, modalities, brainmask=None):
@@ -161,14 +165,27 @@ def trained_view(modalities):
     return view
 
 
-def tumour_runs(slices, max_gap=MAX_GAP):
+def gap_slices(grid, view):
+    """How many "no tumour" slices tumour_runs bridges in a study: floor(MAX_GAP_MM / the spacing
+    of the view's slices, from the file's affine). The rule was chosen as 4 slices on 1 mm BraTS
+    studies (docs/results.md, "The run rule"), where a miss inside a tumour is a section too small
+    or faint to answer; in millimetres it bridges the same depth of tissue at any spacing: 4 slices
+    of 1 mm, 2 of 2 mm, none of 5 mm, where one missed slice puts 10 mm between tumour slices and a
+    1 mm study joins tumour slices at most 5 mm apart."""
+    axis = grid.axes[prepare.VIEW_AXIS[view]]  # the file's voxel axis across the view's slices
+    spacing = float(np.linalg.norm(grid.affine[:3, axis]))
+    return int(MAX_GAP_MM / spacing + 1e-6)  # 4 mm / 1.0000001 mm is still 4 slices
+
+
+def tumour_runs(slices, max_gap=4):
     """Slice indices answered "tumour" -> (kept, bridged, dropped), each sorted. Slices at most
-    max_gap + 1 apart join one run (the up to max_gap "no tumour" slices between them, a miss
-    inside the tumour, are bridged); the longest run (the first of equals) is the tumour and is
-    kept; every other run, such as a lone positive slice or a few far from the tumour, is dropped
-    as an outlier. One run: a whole tumour, oedema included, is one stretch of slices; a second
-    focus further than max_gap slices away is dropped with the outliers (see docs/results.md, "The
-    run rule": what keeping runs of 3 or more slices did on held-out patients)."""
+    max_gap + 1 apart (gap_slices: 4 on 1 mm slices) join one run (the up to max_gap "no tumour"
+    slices between them, a miss inside the tumour, are bridged); the longest run (the first of
+    equals) is the tumour and is kept; every other run, such as a lone positive slice or a few far
+    from the tumour, is dropped as an outlier. One run: a whole tumour, oedema included, is one
+    stretch of slices; a second focus further than max_gap slices away is dropped with the outliers
+    (see docs/results.md, "The run rule": what keeping runs of 3 or more slices did on held-out
+    patients)."""
     runs = []
     for k in sorted(slices):
         if runs and k - runs[-1][-1] <= max_gap + 1:
@@ -227,7 +244,7 @@ def answer_study(run, volume, brainmask, device, pad=False):
     boxes, probs = predict(run.model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
     answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= PRESENT_AT}
-    kept, bridged, dropped = tumour_runs(list(answers))
+    kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
     study = Study([], {}, images, view, answers, kept, None, grid)
     file_axis = grid.axes[prepare.VIEW_AXIS[view]]
     for k in sorted(answers, key=study.file_slice):  # in the file's slice order
@@ -250,6 +267,23 @@ def answer_study(run, volume, brainmask, device, pad=False):
     summary["seconds"] = round(time.time() - t0, 2)
     study.summary = summary
     return study
+
+
+def box_labels(study):
+    """The study's answer as a label volume (RAS, uint8, the study's shape) for a viewer to lay
+    over it: 1 in the 3-D box, 2 in each kept tumour slice's own box (drawn over the 1, which
+    shows where the union widened the box and which slices were bridged); all 0 for "no tumour".
+    Its voxels > 0 span exactly the 3-D box: the slice boxes lie inside their union."""
+    shape = study.images[0].shape
+    labels = np.zeros(shape, np.uint8)
+    if study.box:
+        x0, y0, z0, x1, y1, z1 = study.box
+        labels[x0:x1, y0:y1, z0:z1] = 1
+        for k in study.kept:
+            box = prepare.volume_box(study.answers[k], study.view, k, shape)
+            x0, y0, z0, x1, y1, z1 = [int(round(v)) for v in box]
+            labels[x0:x1, y0:y1, z0:z1] = 2
+    return labels
 
 
 def draw_study(study, modalities, path, tiles=12, tile=160):
@@ -317,7 +351,7 @@ def get_args(argv=None):
                         "the trained view and the tumour's 3-D box")
     p.add_argument("--brainmask", help="with --volume: the study's brain mask (default: "
                                        "<case>-brainmask.nii.gz in a case folder, else the voxels "
-                                       "that are not zero)")
+                                       "that are not zero, else the head found in the study)")
     p.add_argument("--out", help="write the JSON lines here (default: stdout)")
     p.add_argument("--ckpt", default="out",
                    help="checkpoint folder, or train.py's --out folder (default out/)")
@@ -327,6 +361,10 @@ def get_args(argv=None):
     p.add_argument("--draw", help="PNG: the modalities side by side with the answered box (red) "
                                   "and the true one (green); with --volume, three views through "
                                   "the 3-D box and the tumour slices with their boxes")
+    p.add_argument("--save-nifti", metavar="LABELS.nii.gz",
+                   help="with --volume: write the answer as a label volume on the study's grid and "
+                        "affine (1: the 3-D box, 2: each tumour slice's own box), to lay over the "
+                        "study in ITK-SNAP or 3D Slicer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -337,6 +375,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.images, args.data, args.volume)) > 1:
         p.error("give one of --images, --data and --volume")
+    if args.save_nifti and not args.volume:
+        p.error("--save-nifti writes a whole study's boxes: give the study with --volume")
+    if args.save_nifti and not args.save_nifti.endswith((".nii.gz", ".nii")):
+        p.error(f"--save-nifti {args.save_nifti}: expected a name ending in .nii.gz or .nii")
     cuda = args.device.startswith("cuda")
     if args.bf16 is None:
         args.bf16 = cuda
@@ -360,6 +402,10 @@ def main(argv=None):
         if args.draw:
             draw_study(study, run.meta["modalities"], args.draw)
             print(f"drew {args.draw}", file=sys.stderr)
+        if args.save_nifti:
+            prepare.write_nifti(args.save_nifti, box_labels(study), study.grid,
+                                "minigpt-mri: 1 = 3-D box, 2 = slice boxes")
+            print(f"wrote the boxes to {args.save_nifti}", file=sys.stderr)
         return
     if args.images:
         samples = images_samples(run, args.images)

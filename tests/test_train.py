@@ -1,10 +1,13 @@
 """End to end: train.py and sample.py as a user runs them (subprocesses, tiny sizes, CPU)."""
 
+import gzip
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -586,3 +589,114 @@ def test_sample_without_input_answers_the_saved_validation_rows(tmp_path, demo):
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(rows) == min(4, len(val))
     assert [r["t2f Axial_path"] for r in rows] == [s.paths[0] for s in val[:4]]
+
+
+# -- whole studies without a model: sample.py's checkpoint and model stubbed ---------------------
+
+class _StubModel:
+    """What sample.main does to a model before answering (predict is stubbed too)."""
+    def to(self, *args):
+        return self
+
+
+def stub_model(monkeypatch, answer):
+    """Replace sample.py's checkpoint and model with a two-modality axial "model" that answers RAS
+    slice k with answer(k): a normalised box [x0, y0, x1, y1], or None for "no tumour"."""
+    import sample
+    meta = dict(modalities=["t2f Axial", "t1c Axial"], image_size=32, mean=[0.5] * 3,
+                std=[0.5] * 3, box_format="corners")
+    run = SimpleNamespace(model=_StubModel(), meta=meta, folder=Path("stub"))
+    monkeypatch.setattr(sample.checkpoint, "find", lambda folder: Path(folder))
+    monkeypatch.setattr(sample.checkpoint, "load", lambda folder: run)
+
+    def predict(model, items, load, device, batch_size=32, pad=False):
+        assert load(items[0]).shape == (2, 3, 32, 32)  # the slices read as a model reads them
+        boxes = [answer(k) for k in items]
+        return (torch.tensor([b or [0.0, 0.0, 1.0, 1.0] for b in boxes]),
+                torch.tensor([1.0 if b else 0.0 for b in boxes]))
+    monkeypatch.setattr(sample, "predict", predict)
+    return run
+
+
+def test_save_nifti_writes_the_boxes_on_the_studys_grid(tmp_path, monkeypatch):
+    """--save-nifti: a label volume on the study's grid (the study's sform, qform and voxel sizes,
+    byte for byte; read back, its affine), 1 in the 3-D box and 2 in each tumour slice's own box;
+    its voxels > 0 span the summary's box_voxels. Only the brain's slices are answered."""
+    import sample
+    case = tmp_path / "BraTS-VOL-00000-000"
+    truth = make_study(case)  # tumour on slices 5..10
+    seg = prepare.read_nifti(case / f"{case.name}-seg.nii.gz") > 0
+    X, Y, _ = seg.shape
+
+    def answer(k):  # the true box, a narrower one on slice 7, a miss on slice 8 (bridged)
+        img = prepare.view_slice(seg, "axial", k)
+        if not img.any() or k == 8:
+            return None
+        ys, xs = np.nonzero(img)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1 - 2 * (k == 7), ys.max() + 1
+        return [x0 / X, y0 / Y, x1 / X, y1 / Y]
+    stub_model(monkeypatch, answer)
+    labels, lines = tmp_path / "boxes.nii.gz", tmp_path / "lines.jsonl"
+    sample.main(["--ckpt", str(tmp_path), "--volume", str(case), "--save-nifti", str(labels),
+                 "--out", str(lines), "--device", "cpu"])
+    *_, summary = [json.loads(l) for l in lines.read_text().splitlines()]
+    assert summary["box_voxels"] == truth and summary["bridged_slices"] == [8]
+    assert summary["brain_slices"] == 14  # slices 0 and 15 show nothing: not answered
+    with gzip.open(case / f"{case.name}-t2f.nii.gz") as f:
+        study = f.read(348)
+    raw = gzip.decompress(labels.read_bytes())
+    assert raw[252:344] == study[252:344] and raw[76:108] == study[76:108]
+    assert struct.unpack("<8h", raw[40:56])[:4] == (3, 48, 40, 16)
+    assert struct.unpack("<2h", raw[70:74]) == (2, 8)  # uint8
+    stored = np.frombuffer(raw, np.uint8, 48 * 40 * 16, 352).reshape((48, 40, 16), order="F")
+    assert set(np.unique(stored)) == {0, 1, 2}
+    nz = np.nonzero(stored)
+    assert [int(a.min()) for a in nz] + [int(a.max()) + 1 for a in nz] == summary["box_voxels"]
+    x0, y0, z0, x1, y1, z1 = truth
+    assert (stored[x0:x1, y0:y1, 8] == 1).all()  # bridged: the 3-D box only
+    assert (stored[x0:x1, y0:y1, 9] == 2).all() and (stored[x0:x1, y0:y1, 7] == 1).sum() == 2 * 9
+    study_grid = prepare.read_volume(case / f"{case.name}-t2f.nii.gz")[1]
+    assert np.array_equal(prepare.read_volume(labels)[1].affine, study_grid.affine)
+
+
+def test_save_nifti_needs_a_study_and_a_nifti_name():
+    import sample
+    for argv, message in [
+            (["--save-nifti", "b.nii.gz"], "--save-nifti writes a whole study's boxes: give the "
+                                           "study with --volume (see --help)"),
+            (["--images", "a.jpg", "--save-nifti", "b.nii.gz"], "give the study with --volume"),
+            (["--volume", "case", "--save-nifti", "boxes.png"],
+             "--save-nifti boxes.png: expected a name ending in .nii.gz or .nii")]:
+        with pytest.raises(SystemExit) as e:
+            sample.get_args(argv)
+        assert e.value.code.startswith("error: ") and message in e.value.code
+
+
+def test_gaps_are_bridged_in_millimetres(tmp_path, monkeypatch):
+    """Up to sample.MAX_GAP_MM = 4 mm of "no tumour" slices is bridged: 4 slices of 1 mm, 2 of
+    2 mm, none of 5 mm, from the spacing of the view's slices in the affine; through a study: a
+    missed slice is bridged on 1 mm slices and splits the tumour on 5 mm ones."""
+    import sample
+    grid = lambda axes, sizes: prepare.Grid((8, 8, 8), axes, (False,) * 3,
+                                            np.diag([*sizes, 1.0]))
+    assert sample.gap_slices(grid((0, 1, 2), [1, 1, 1]), "axial") == 4
+    assert sample.gap_slices(grid((0, 1, 2), [0.9375, 0.9375, 1 + 1e-7]), "axial") == 4
+    assert sample.gap_slices(grid((0, 1, 2), [1, 1, 2]), "axial") == 2
+    assert sample.gap_slices(grid((0, 1, 2), [0.5, 0.5, 5]), "axial") == 0
+    assert sample.gap_slices(grid((0, 1, 2), [0.5, 0.5, 5]), "coronal") == 8
+    stacked = prepare.Grid((8, 8, 8), (1, 2, 0), (False,) * 3,  # file axis 0: z, 5 mm apart
+                           np.array([[0, 1, 0, 0], [0, 0, 1, 0], [5, 0, 0, 0], [0, 0, 0, 1.0]]))
+    assert sample.gap_slices(stacked, "axial") == 0 and sample.gap_slices(stacked, "sagittal") == 4
+    case = tmp_path / "1mm" / "BraTS-VOL-00000-000"
+    make_study(case)
+    thick = tmp_path / "5mm" / case.name
+    thick.mkdir(parents=True)
+    for f in case.iterdir():  # the same voxels, slices 5 mm apart
+        stored = prepare.read_nifti(f)[::-1, ::-1].copy()
+        write_nifti(thick / f.name, stored, rot=np.diag([-1.0, -1.0, 5.0]))
+    run = stub_model(monkeypatch, lambda k: [0.2, 0.2, 0.4, 0.4] if k in (5, 6, 8, 9, 10) else None)
+    one = sample.answer_study(run, [str(case)], None, "cpu").summary
+    assert one["slice_range"] == [5, 10] and one["bridged_slices"] == [7]
+    five = sample.answer_study(run, [str(thick)], None, "cpu").summary
+    assert five["slice_range"] == [8, 10] and five["dropped_slices"] == [5, 6]
+    assert five["box_mm"][2:6:3] == [5 * 7.5, 5 * 10.5]  # z edges of slices 8..10, 5 mm apart
