@@ -163,6 +163,10 @@ class Train:
 class Settings(Train, Data, Shape):
     """A whole run: the fields of Shape, Data and Train, flat (settings.lr, settings.image_size)."""
 
+    def __post_init__(self):
+        if self.flip_average is None:  # a model trained with random flips answers both ways
+            self.flip_average = self.augment
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -126,10 +126,8 @@ def model_config(s, tokenizer, n_images) -> MiniGPTConfig:
     """The model the settings describe. With --vision / --llm, MiniGPT.build replaces the loaded
     parts' sizes by their checkpoints' (image_size None: the checkpoint's own)."""
     n_slots = 1 if s.fusion == "early" else n_images
-    # a pretrained ViT's sizes, until build reads them
-    stand_in = config.Settings(**config.PRESETS["cpu"])
-    sizes = config.Settings(**{**stand_in.to_dict(), **{k: v for k, v in s.to_dict().items()
-                                                         if v is not None}})
+    # a pretrained folder's sizes are unset here: the cpu preset's stand in until build reads them
+    sizes = replace(s, **{k: v for k, v in config.PRESETS["cpu"].items() if getattr(s, k) is None})
     parts = shape_parts(sizes, tokenizer.vocab_size)
     if s.vision:
         parts["vit"] = ViTConfig(image_size=s.image_size)
@@ -139,8 +137,7 @@ def model_config(s, tokenizer, n_images) -> MiniGPTConfig:
         num_bins=s.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=s.max_boxes,
         lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, loc_sigma=s.loc_sigma, box_head=s.box_head,
-        patch_loss=s.patch_loss,
-        flip_average=s.augment if s.flip_average is None else s.flip_average,
+        patch_loss=s.patch_loss, flip_average=s.flip_average,
     )
 
 
