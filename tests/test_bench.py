@@ -58,7 +58,7 @@ def test_bench_times_a_trained_run_folder(tmp_path):
     records = bench.main(["--ckpt", str(tmp_path / "run"), "--steps", "1", "--warmup", "0",
                           "--answers", "1"], out=lambda line: None)
     shape = next(r for r in records if r["kind"] == "shape")
-    assert shape["batch_size"] == 8 and shape["image_size"] == 32 and shape["images_per_sample"] == 4
+    assert (shape["batch_size"], shape["image_size"], shape["images_per_sample"]) == (8, 32, 4)
     assert {"train", "answer"} <= {r["kind"] for r in records}
 
 
