@@ -393,6 +393,91 @@ def bench_recipe(args, emit):
 # -----------------------------------------------------------------------------
 
 
+def bench_answers(args, models, cfg, emit):
+    """Latency of one query for each model (ours compiled with --compile), and the peer's over
+    ours with whether both answered the same boxes."""
+    device = args.device
+    image = random_batch(cfg, 1, "cpu", seed=1)[0]  # (1, N, 3, S, S) on the host
+    answers = {}
+    for name, m in models.items():
+        for other in models.values():
+            other.to(device if other is m else "cpu")
+        m.eval()
+        if args.bf16:  # answer in bf16 weights, as a served model is held
+            m.to(torch.bfloat16)
+        if name == "ours" and args.compile:
+            m.compile_decode()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times, box, bins = time_answer(m.generate, image, cfg, device, args.answers, warmup=3)
+        answers[name] = (statistics.median(times), bins)
+        emit(kind="answer", impl=name, compiled=name == "ours" and args.compile,
+             latency_ms=round(1e3 * statistics.median(times), 3),
+             min_ms=round(1e3 * min(times), 3), new_tokens=4 * cfg.max_boxes,
+             box=[round(v, 1) for v in box],
+             peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
+    if "peer" in answers:
+        emit(kind="ratio", what="answer latency",
+             peer_over_ours=round(answers["peer"][0] / answers["ours"][0], 3),
+             same_boxes=torch.equal(answers["peer"][1],
+                                    answers["ours"][1].view_as(answers["peer"][1])))
+
+
+def bench_training(args, models, batch, B, seq, flops, peak, emit):
+    """Median training-step time of each model (the peer eager and, with --compile, compiled), then
+    ours on cached ViT features, then the peer's step time over ours."""
+    device, model, peer = args.device, models["ours"], models.get("peer")
+    peer_ok = peer is not None
+    results = {}
+    # back from answering: fp32 weights (bf16-rounded alike), the frozen ViT in bf16
+    for m in models.values():
+        m.float().train()
+    if args.bf16:
+        model.vit.to(torch.bfloat16)
+        if peer_ok:
+            peer.vision.to(torch.bfloat16)
+    variants = [("ours", args.compile)] + ([("peer", False)]
+                                           + ([("peer", True)] if args.compile else [])
+                                           if peer_ok else [])
+    for name, compiled in variants:
+        # only the measured model on the device, for its memory peak
+        for other in models.values():
+            other.to(device if other is models[name] else "cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = make_train_step(models[name], device, args.bf16, compiled)
+        t0 = time.perf_counter()
+        times = time_train(step, batch, device, args.steps, args.warmup)
+        t = statistics.median(times)
+        results[(name, compiled)] = t
+        emit(kind="train", impl=name, compiled=compiled, step_s=round(t, 5),
+             samples_per_s=round(B / t, 2), tokens_per_s=round(B * seq / t, 1),
+             flops_per_step=flops, mfu=round(flops / t / peak, 4),
+             peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1),
+             warmup_and_steps_s=round(time.perf_counter() - t0, 2))
+        del step
+    # train.py --cache-features: the frozen ViT's output computed once per image; less work per
+    # step, so reported apart (no MFU: the FLOPs above include the ViT)
+    model.to(device)  # the peer's runs above parked it on the host
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        feats = model.vit_features(batch[0])
+    step = make_train_step(model, device, args.bf16, args.compile)
+    t = statistics.median(time_train(step, (None, batch[1], batch[2], feats), device,
+                                     args.steps, args.warmup))
+    emit(kind="train", impl="ours", compiled=args.compile, cached_vit_features=True,
+         step_s=round(t, 5), samples_per_s=round(B / t, 2),
+         peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
+    del step, feats
+    ours = results[("ours", args.compile)]
+    for compiled in ([False, True] if args.compile else [False]):
+        if ("peer", compiled) in results:
+            emit(kind="ratio", what="train step", peer_compiled=compiled,
+                 ours_compiled=args.compile,
+                 peer_over_ours=round(results[("peer", compiled)] / ours, 3))
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -513,80 +598,9 @@ def main(argv=None, out=print) -> list[dict]:
     emit(kind="loss", **losses)  # the same weights: the same loss (bf16 rounding apart)
 
     if args.answer:
-        image = random_batch(cfg, 1, "cpu", seed=1)[0]  # (1, N, 3, S, S) on the host
-        answers = {}
-        for name, m in models.items():
-            for other in models.values():
-                other.to(device if other is m else "cpu")
-            m.eval()
-            if args.bf16:  # answer in bf16 weights, as a served model is held
-                m.to(torch.bfloat16)
-            if name == "ours" and args.compile:
-                m.compile_decode()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            times, box, bins = time_answer(m.generate, image, cfg, device, args.answers, warmup=3)
-            answers[name] = (statistics.median(times), bins)
-            emit(kind="answer", impl=name, compiled=name == "ours" and args.compile,
-                 latency_ms=round(1e3 * statistics.median(times), 3),
-                 min_ms=round(1e3 * min(times), 3), new_tokens=4 * cfg.max_boxes,
-                 box=[round(v, 1) for v in box],
-                 peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
-        if "peer" in answers:
-            emit(kind="ratio", what="answer latency",
-                 peer_over_ours=round(answers["peer"][0] / answers["ours"][0], 3),
-                 same_boxes=torch.equal(answers["peer"][1],
-                                        answers["ours"][1].view_as(answers["peer"][1])))
-    results = {}
+        bench_answers(args, models, cfg, emit)
     if args.train:
-        # back from answering: fp32 weights (bf16-rounded alike), the frozen ViT in bf16
-        for m in models.values():
-            m.float().train()
-        if args.bf16:
-            model.vit.to(torch.bfloat16)
-            if peer_ok:
-                peer.vision.to(torch.bfloat16)
-        variants = [("ours", args.compile)] + ([("peer", False)]
-                                               + ([("peer", True)] if args.compile else [])
-                                               if peer_ok else [])
-        for name, compiled in variants:
-            # only the measured model on the device, for its memory peak
-            for other in models.values():
-                other.to(device if other is models[name] else "cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            step = make_train_step(models[name], device, args.bf16, compiled)
-            t0 = time.perf_counter()
-            times = time_train(step, batch, device, args.steps, args.warmup)
-            t = statistics.median(times)
-            results[(name, compiled)] = t
-            emit(kind="train", impl=name, compiled=compiled, step_s=round(t, 5),
-                 samples_per_s=round(B / t, 2), tokens_per_s=round(B * seq / t, 1),
-                 flops_per_step=flops, mfu=round(flops / t / peak, 4),
-                 peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1),
-                 warmup_and_steps_s=round(time.perf_counter() - t0, 2))
-            del step
-        # train.py --cache-features: the frozen ViT's output computed once per image; less work per
-        # step, so reported apart (no MFU: the FLOPs above include the ViT)
-        model.to(device)  # the peer's runs above parked it on the host
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            feats = model.vit_features(batch[0])
-        step = make_train_step(model, device, args.bf16, args.compile)
-        t = statistics.median(time_train(step, (None, batch[1], batch[2], feats), device,
-                                         args.steps, args.warmup))
-        emit(kind="train", impl="ours", compiled=args.compile, cached_vit_features=True,
-             step_s=round(t, 5), samples_per_s=round(B / t, 2),
-             peak_memory_mb=round(peak_memory(device) / 2 ** 20, 1))
-        del step, feats
-        ours = results[("ours", args.compile)]
-        for compiled in ([False, True] if args.compile else [False]):
-            if ("peer", compiled) in results:
-                emit(kind="ratio", what="train step", peer_compiled=compiled,
-                     ours_compiled=args.compile,
-                     peer_over_ours=round(results[("peer", compiled)] / ours, 3))
-
+        bench_training(args, models, batch, B, seq, flops, peak, emit)
     return records
 
 
