@@ -369,7 +369,8 @@ def bench_recipe(args, emit):
         parts = shape_parts(settings, base + N_SPECIALS)
         cfg = MiniGPTConfig(**parts, n_images=n, **prompt_ids(base, n, (4, 2, 8)),
                             loc_sigma=settings.loc_sigma, box_head=settings.box_head,
-                            patch_loss=settings.patch_loss, flip_average=True)
+                            patch_loss=settings.patch_loss,
+                            patch_cells=settings.patch_cells, flip_average=True)
         model = MiniGPT(cfg).to(device).train()
         params, optimizer = train.make_optimizer(model, settings, device)
         forward = torch.compile(model) if args.compile else model

@@ -68,9 +68,9 @@ class Shape:
     vit_depth: int | None = knob(None, "ViT blocks", range=(1, 256))
     vit_heads: int | None = knob(None, "ViT heads", range=(1, 256))
     vit_stem: str | None = knob(None, "from-scratch ViT patch embedding: patch (one strided "
-                                "conv, the lightest), cnn (two 3x3 convs and a max-pool per "
-                                "halving: the heavy hybrid stem), conv (one stride-2 3x3 conv "
-                                "per halving)",
+                                "conv, the lightest), conv (a 3x3 conv at full resolution, then "
+                                "one stride-2 3x3 conv per halving), cnn (two 3x3 convs and a "
+                                "max-pool per halving: the heavy hybrid stem)",
                                 choices=("patch", "cnn", "conv"))
     num_query: int | None = knob(None, "Q-Former queries = tokens per image", range=(1, 1024))
     qformer_width: int | None = knob(None, "Q-Former width", range=(8, 16384))
@@ -93,6 +93,8 @@ class Shape:
                             "bins (0 = one-hot)", range=(0.0, 1000.0))
     patch_loss: float = knob(0.0, "weight of the auxiliary loss where each ViT patch predicts how "
                              "much of it the box covers (0 = off)", range=(0.0, 1000.0))
+    patch_cells: int = knob(1, "the patch loss asks each patch for the box's share of k x k cells "
+                            "of it: finer targets for large patches", range=(1, 64))
     flip_average: bool | None = knob(None, "answer with the mean of the box and the mirrored "
                                      "box of the mirrored study (None: on when --augment flips)")
     max_boxes: int = knob(1, "boxes per answer; rows with more keep the largest", range=(1, 64))
@@ -178,18 +180,20 @@ VIT_FIELDS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 # recipe fills an H200-class GPU; minigpt4 is the GPU recipe around pretrained BLIP-2 and Vicuna;
 # tiny is the CPU recipe's sizes in the plain layout transformers also has (bench.py's peer).
 PRESETS = {
-    "cpu": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
-                vit_stem="cnn", num_query=16, qformer_width=128, qformer_depth=2, qformer_heads=4,
+    "cpu": dict(image_size=64, patch_size=16, vit_width=128, vit_depth=4, vit_heads=4,
+                vit_stem="conv", num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
                 pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=1.0,
+                num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=1.0, patch_cells=2,
                 batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200),
-    "gpu": dict(image_size=128, patch_size=8, vit_width=384, vit_depth=8, vit_heads=6,
-                vit_stem="cnn", num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6,
+    "gpu": dict(image_size=128, patch_size=16, vit_width=384, vit_depth=8, vit_heads=6,
+                vit_stem="conv", num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6,
                 pooled_queries=True, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-                num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=1.0,
+                num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=1.0, patch_cells=2,
                 batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500),
 }
-PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", pooled_queries=False)
+# bench.py's CPU shape: the CPU recipe's widths with the layout the transformers peer also builds
+PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", patch_size=8, num_query=16,
+                       pooled_queries=False)
 
 
 def pretrained(values: dict) -> dict:

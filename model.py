@@ -454,6 +454,8 @@ class MiniGPTConfig:
     flip_average: bool = False
     # weight of the auxiliary per-patch "inside the box" loss on the ViT tokens (0 = off)
     patch_loss: float = 0.0
+    # its targets: each patch predicts the box's share of each of k x k cells of it
+    patch_cells: int = 1
 
     @property
     def n_slots(self) -> int:
@@ -511,7 +513,8 @@ class MiniGPT(nn.Module):
         self.box_mlp = (nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, 4))
                         if cfg.box_head == "regress" else None)
         # see patch_loss_of
-        self.patch_head = nn.Linear(cfg.vit.width, 1) if cfg.patch_loss > 0 else None
+        k = cfg.patch_cells
+        self.patch_head = nn.Linear(cfg.vit.width, k * k) if cfg.patch_loss > 0 else None
         # the prompt never changes, so each image slot sits at a fixed position (static shapes)
         self.chunk_sizes = [len(c) for c in cfg.prompt_chunks]
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
@@ -670,23 +673,26 @@ class MiniGPT(nn.Module):
         return loss
 
     def patch_loss_of(self, feats, boxes):
-        """Auxiliary dense loss: every ViT patch token of every modality predicts the share of its
-        patch that the box covers (binary cross-entropy against that share). feats (B, N, T, W),
-        boxes (B, 4) normalised -> scalar. A box gives 4 numbers per study to learn from, this gives
-        g*g per image and a gradient straight into the ViT, so its tokens learn what a tumour looks
-        like and where it is from the first steps instead of waiting for the answer's gradient
-        through the LLM."""
-        g = self.cfg.vit.grid
+        """Auxiliary dense loss: every ViT patch token of every modality predicts the share of each
+        of its k x k cells (k = patch_cells) that the box covers (binary cross-entropy against that
+        share). feats (B, N, T, W), boxes (B, 4) normalised -> scalar. A box gives 4 numbers per
+        study to learn from, this gives (g k)^2 per image and a gradient straight into the ViT, so
+        its tokens learn what a tumour looks like and where it is from the first steps instead of
+        waiting for the answer's gradient through the LLM; k > 1 asks a large patch where inside
+        it the tumour sits."""
+        g, k = self.cfg.vit.grid, self.cfg.patch_cells
         patches = feats[:, :, -g * g:]  # (B, N, g*g, W): the class token, if any, comes first
-        logits = self.patch_head(patches.float()).squeeze(-1)  # (B, N, g*g)
-        edges = torch.arange(g + 1, device=boxes.device) / g  # (g+1,) patch borders
-        # (B, g) share of each patch column/row inside [lo, hi]
+        logits = self.patch_head(patches.float())  # (B, N, g*g, k*k)
+        n = g * k  # cells per side
+        edges = torch.arange(n + 1, device=boxes.device) / n  # (n+1,) cell borders
+        # (B, n) share of each cell column/row inside [lo, hi]
         cover = lambda lo, hi: ((torch.minimum(hi[:, None], edges[None, 1:])
                                  - torch.maximum(lo[:, None], edges[None, :-1]))
-                                .clamp(min=0) * g)
+                                .clamp(min=0) * n)
         x0, y0, x1, y1 = boxes.float().unbind(-1)
-        # (B, g*g), rows first
-        share = (cover(y0, y1)[:, :, None] * cover(x0, x1)[:, None, :]).flatten(1)
+        share = cover(y0, y1)[:, :, None] * cover(x0, x1)[:, None, :]  # (B, n, n), rows first
+        # (B, g*g, k*k): patch (row, col) rows first, then its cells rows first
+        share = share.view(-1, g, k, g, k).permute(0, 1, 3, 2, 4).reshape(-1, g * g, k * k)
         return F.binary_cross_entropy_with_logits(logits, share[:, None].expand_as(logits))
 
     def smoothed_loss(self, logits, answer, answer_mask):
@@ -730,7 +736,8 @@ class MiniGPT(nn.Module):
         forward = dict(  # of one sample, per part
             stem_first=n_img * stem[0], stem_rest=n_img * sum(stem[1:]),
             vit=n_img * self.vit.flops(),
-            patch_head=n_img * 2 * v.grid ** 2 * v.width if self.patch_head is not None else 0,
+            patch_head=(n_img * 2 * v.grid ** 2 * v.width * c.patch_cells ** 2
+                        if self.patch_head is not None else 0),
             qformer=passes * qf["layers"], kv=passes * qf["kv"], pooled=passes * qf["pooled"],
             proj=passes * qf["proj"],
             llm=self.llm.flops(seq, 0) - attn, attn=attn, head=self.llm.flops(0, answer_len))

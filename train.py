@@ -137,7 +137,7 @@ def model_config(s, tokenizer, n_images) -> MiniGPTConfig:
         num_bins=s.num_bins, loc_start=tokenizer.loc_start, box_end_id=tokenizer.box_end_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_boxes=s.max_boxes,
         lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, loc_sigma=s.loc_sigma, box_head=s.box_head,
-        patch_loss=s.patch_loss, flip_average=s.flip_average,
+        patch_loss=s.patch_loss, patch_cells=s.patch_cells, flip_average=s.flip_average,
     )
 
 

@@ -67,8 +67,11 @@ def test_a_pretrained_vision_folder_brings_its_own_sizes():
     (["--val-fraction", "1"], "--val-fraction 1.0"),
     (["--image-size", "30", "--patch-size", "8"],
      "--image-size 30: must be a multiple of --patch-size 8"),
-    (["--image-size", "48", "--patch-size", "6"],
+    (["--image-size", "48", "--patch-size", "6", "--vit-stem", "cnn"],
      "--patch-size 6: the cnn stem needs a power of two"),
+    (["--image-size", "48", "--patch-size", "6"],
+     "--patch-size 6: the conv stem needs a power of two"),
+    (["--patch-cells", "0"], "--patch-cells 0"),
     (["--vit-width", "100", "--vit-heads", "3"],
      "--vit-width 100: must be a multiple of --vit-heads 3"),
     (["--n-heads", "4", "--n-kv-heads", "3"], "--n-heads 4: must be a multiple of --n-kv-heads 3"),
@@ -102,4 +105,4 @@ def test_shape_parts_derive_the_mlp_widths():
     parts = shape_parts(Settings(**PRESETS["cpu"]), vocab_size=300)
     assert parts["vit"].mlp_dim == 4 * 128 and parts["qformer"].mlp_dim == 4 * 128
     assert parts["qformer"].vision_width == 128 and parts["qformer"].out_dim == 128
-    assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128) and parts["vit"].stem == "cnn"
+    assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128) and parts["vit"].stem == "conv"

@@ -556,18 +556,19 @@ def math_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     return att.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("fusion", ["per-image", "early", "recipe"])
+@pytest.mark.parametrize("fusion", ["per-image", "early", "recipe", "heavy"])
 @pytest.mark.parametrize("frozen", [(), ("vit", "qformer"), ("vit", "qformer", "llm"), ("vit",),
                                     ("llm",)])
 def test_flops_per_sample_matches_flop_counter(monkeypatch, fusion, frozen):
-    """"recipe": the from-scratch CPU recipe's parts, a CNN stem, pooled queries and the patch
-    loss."""
+    """"recipe": the from-scratch CPU recipe's parts, a conv stem, pooled queries and the patch
+    loss on 2 x 2 cells per patch; "heavy": the same with the CNN stem and one cell per patch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
-    if fusion == "recipe":
-        cfg = tiny_cfg(patch_loss=1.0)
-        cfg.vit.stem, cfg.qformer.pooled_queries, cfg.qformer.num_query = "cnn", True, 4
+    if fusion in ("recipe", "heavy"):
+        cfg = tiny_cfg(patch_loss=1.0, patch_cells=2 if fusion == "recipe" else 1)
+        cfg.vit.stem = "conv" if fusion == "recipe" else "cnn"
+        cfg.qformer.pooled_queries, cfg.qformer.num_query = True, 4
         torch.manual_seed(0)
         m = MiniGPT(cfg).train()
     else:
@@ -640,3 +641,17 @@ def test_patch_loss_targets_the_covered_share_of_each_patch():
     aux = m.patch_loss_of(m.vit_features(images), box)
     m.patch_head = None  # the same model without the auxiliary term
     torch.testing.assert_close(with_aux - m(images, answer, mask, boxes=box), aux)
+
+
+def test_patch_cells_target_the_share_of_each_cell_of_a_patch():
+    """patch_cells 2 on the 2 x 2 grid: 4 x 4 cells of 4 px. A box [0.25, 0, 0.625, 0.5] covers
+    cell column 1 whole and half of column 2, in the two top rows. The top-left patch's cells
+    (rows first) are [0, 1, 0, 1], the top-right's [0.5, 0, 0.5, 0], the bottom ones' none."""
+    m = tiny_model(patch_loss=1.0, patch_cells=2)
+    assert m.patch_head.out_features == 4
+    tokens = torch.randn(1, 3, 5, 32)
+    box = torch.tensor([[0.25, 0.0, 0.625, 0.5]])
+    logits = m.patch_head(tokens[:, :, 1:])  # (1, 3, 4 patches, 4 cells)
+    share = torch.tensor([[0, 1, 0, 1], [0.5, 0, 0.5, 0], [0, 0, 0, 0], [0, 0, 0, 0.]])
+    expect = F.binary_cross_entropy_with_logits(logits, share.expand(1, 3, 4, 4))
+    torch.testing.assert_close(m.patch_loss_of(tokens, box), expect)
