@@ -215,8 +215,8 @@ class ConvStem(nn.Sequential):
 
     def forward(self, x):
         """x (B, C, H, W) -> (B, width, H / patch, W / patch), channels-last inside: the CPU's
-        oneDNN convolutions, BatchNorm and pooling run faster on it (the CPU recipe's training step
-        took 11% less time, bench.py --recipe)."""
+        oneDNN convolutions, BatchNorm and pooling run faster on it (a training step of the CPU
+        recipe with the heavy stem took 11% less time, bench.py --recipe)."""
         return super().forward(x.contiguous(memory_format=torch.channels_last))
 
     def flops(self, image_size: int) -> list[int]:
