@@ -188,8 +188,8 @@ class ConvStem(nn.Sequential):
     the width. `light` has one 3x3 conv of 16 channels at full resolution, then one 3x3 stride-2
     conv per halving (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"), each
     with BatchNorm and ReLU, channels 32, 64, ... up to the width: past the first layer it halves
-    before it convolves, so most of its work runs on few pixels and many channels, where a CPU's
-    convolutions are fast (about a third of the heavy stem's time at 16 px patches). The same token
+    before it convolves, so its other layers run on few pixels and many channels, where a CPU's
+    convolutions are fast (the full-resolution layer takes about half of its time). The same token
     grid as a patch embedding."""
 
     def __init__(self, channels: int, width: int, patch_size: int, light: bool = False):
