@@ -131,6 +131,8 @@ def draw(sample, modalities, pred, path):
 
 # "no tumour" slices between two tumour slices are bridged (one run) up to this far (see gap_slices)
 MAX_GAP_MM = 4.0
+# the tumour's run grows at each end over neighbouring slices with p_tumour at least this (extend_run)
+END_AT = 0.5
 
 
 def study_files(volume, modalities, brainmask=None):
@@ -197,6 +199,23 @@ def tumour_runs(slices, max_gap=4):
     return kept, bridged, sorted(set(slices) - set(kept))
 
 
+def extend_run(kept, p, low):
+    """Hysteresis at the tumour's ends: the kept run (sorted slice indices) grows outward, slice by
+    slice, while the next slice's p_tumour (p: brain slice -> probability) is at least low. A run
+    starts only where the model is sure (PRESENT_AT); its ends, sections of a few dozen tumour
+    pixels, are answered less surely, and a slice next to a sure run is more likely tumour than one
+    alone. -> (the run, the added slices)."""
+    if not kept:
+        return kept, []
+    lo, hi = kept[0], kept[-1]
+    while lo - 1 in p and p[lo - 1] >= low:  # p holds the brain slices only: never past them
+        lo -= 1
+    while hi + 1 in p and p[hi + 1] >= low:
+        hi += 1
+    added = list(range(lo, kept[0])) + list(range(kept[-1] + 1, hi + 1))
+    return sorted(kept + added), added
+
+
 def study_box(answers, kept, view, shape):
     """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices,
     the RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in
@@ -245,6 +264,8 @@ def answer_study(run, volume, brainmask, device, pad=False):
     p = dict(zip(ks, probs.tolist()))
     answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
+    kept, added = extend_run(kept, p, END_AT)
+    answers.update({k: data.to_pixels(boxes[ks.index(k)], (W, H)) for k in added})
     study = Study([], {}, images, view, answers, kept, None, grid)
     file_axis = grid.axes[prepare.VIEW_AXIS[view]]
     for k in sorted(answers, key=study.file_slice):  # in the file's slice order

@@ -170,6 +170,19 @@ def test_tumour_runs_bridge_gaps_and_drop_lone_slices():
     assert sample.tumour_runs([]) == ([], [], [])
 
 
+def test_extend_run_grows_the_ends_over_likely_neighbours_only():
+    import sample
+    # brain slices 0..20; the run 8..12 (with a bridged 10 absent from the list)
+    p = {k: 0.05 for k in range(21)}
+    p.update({6: 0.3, 7: 0.25, 13: 0.4, 14: 0.1, 15: 0.9, 3: 0.8})
+    kept, added = sample.extend_run([8, 9, 11, 12], p, 0.2)
+    assert added == [6, 7, 13] and kept == [6, 7, 8, 9, 11, 12, 13]  # stops at 5 (0.05), 14 (0.1)
+    assert sample.extend_run([8, 9, 11, 12], p, 0.5) == ([8, 9, 11, 12], [])
+    # never past the brain slices (the keys of p), however low the threshold
+    assert sample.extend_run([19, 20], {19: 0.9, 20: 0.9, 18: 0.1}, 0.0) == ([18, 19, 20], [18])
+    assert sample.extend_run([], p, 0.2) == ([], [])
+
+
 def test_study_box_is_the_union_of_the_kept_slices():
     import sample
     shape = (100, 80, 30)  # RAS; axial slices are 100 wide (x reversed) and 80 high (y reversed)
