@@ -131,8 +131,8 @@ def draw(sample, modalities, pred, path):
 
 # "no tumour" slices between two tumour slices are bridged (one run) up to this far (see gap_slices)
 MAX_GAP_MM = 4.0
-# the tumour's run grows at each end over neighbouring slices with p_tumour at least this (extend_run;
-# chosen on four held-out whole-study runs, docs/results.md "The tumour's ends")
+# the tumour's run grows at each end over neighbouring slices with p_tumour at least this
+# (extend_run; chosen on four held-out whole-study runs, docs/results.md "The tumour's ends")
 END_AT = 0.3
 
 
@@ -263,10 +263,11 @@ def answer_study(run, volume, brainmask, device, pad=False):
 
     boxes, probs = predict(run.model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
-    answers = {k: data.to_pixels(b, (W, H)) for k, b, q in zip(ks, boxes, probs) if q >= PRESENT_AT}
+    box = dict(zip(ks, boxes))
+    answers = {k: data.to_pixels(box[k], (W, H)) for k in ks if p[k] >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
     kept, added = extend_run(kept, p, END_AT)
-    answers.update({k: data.to_pixels(boxes[ks.index(k)], (W, H)) for k in added})
+    answers.update({k: data.to_pixels(box[k], (W, H)) for k in added})
     study = Study([], {}, images, view, answers, kept, None, grid)
     file_axis = grid.axes[prepare.VIEW_AXIS[view]]
     for k in sorted(answers, key=study.file_slice):  # in the file's slice order

@@ -105,4 +105,5 @@ def test_shape_parts_derive_the_mlp_widths():
     parts = shape_parts(Settings(**PRESETS["cpu"]), vocab_size=300)
     assert parts["vit"].mlp_dim == 4 * 128 and parts["qformer"].mlp_dim == 4 * 128
     assert parts["qformer"].vision_width == 128 and parts["qformer"].out_dim == 128
-    assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128) and parts["vit"].stem == "conv"
+    assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128)
+    assert parts["vit"].stem == "conv"
