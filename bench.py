@@ -36,12 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
+import config
 import data
-import train
 from config import PRESETS, Settings
 from model import (LLaMAConfig, MiniGPT, MiniGPTConfig, generalized_iou, llama_mapping,
-                   shape_parts)
+                   load_checkpoint, shape_parts)
 from vision import (QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped,
                     qformer_mapping, vit_mapping)
 
@@ -341,16 +340,21 @@ def yardstick_step(net, optimizer, x, y):
     return loss.detach()
 
 
-def recipe_step(model, settings, optimizer, params, images, boxes, augment, step):
+def recipe_step(model, optimizer, params, images, boxes, augment, step):
     """train.py's step of the CPU recipe, all of it: the batch's augmentation, its answer tokens,
-    forward, backward, clip, AdamW. images (B, N, 3, S, S), boxes (B, 1, 4) normalised."""
+    forward, backward, clip at 1.0, AdamW (train.train_step with one micro-batch, no autocast).
+    images (B, N, 3, S, S), boxes (B, 1, 4) normalised."""
     cfg = model.cfg
     images, boxes = augment(images, boxes, data.step_generator(0, step))
     answer, mask = data.answer_tokens(boxes, torch.ones(len(boxes), dtype=torch.long),
                                       cfg.num_bins, cfg.loc_start, cfg.box_end_id, cfg.eos_id,
                                       cfg.pad_id)
-    return train.train_step(model, optimizer, params, (images, answer, mask, boxes, None),
-                            settings, ddp=False)
+    loss = model(images, answer, mask, boxes[:, 0])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def bench_recipe(args, emit):
@@ -372,12 +376,12 @@ def bench_recipe(args, emit):
                             patch_loss=settings.patch_loss,
                             patch_cells=settings.patch_cells, flip_average=True)
         model = MiniGPT(cfg).to(device).train()
-        params, optimizer = train.make_optimizer(model, settings, device)
+        params, optimizer = model.configure_optimizers(settings.lr, settings.weight_decay,
+                                                             device)
         forward = torch.compile(model) if args.compile else model
         images = torch.randn(B, n, 3, S, S, generator=g).to(device)
         augment = data.Augment()
-        step = lambda k: recipe_step(forward, settings, optimizer, params, images, boxes,
-                                     augment, k)
+        step = lambda k: recipe_step(forward, optimizer, params, images, boxes, augment, k)
         ours = statistics.median(time_train(step, [], device, args.steps, args.warmup,
                                             counter=True))
         net = yardstick(n).to(device).train()
@@ -540,10 +544,12 @@ def main(argv=None, out=print) -> list[dict]:
     if args.recipe:
         bench_recipe(args, emit)
         return records
-    run = checkpoint.load(checkpoint.find(args.ckpt)) if args.ckpt else None
-    if run:
-        cfg, B = run.model.cfg, run.saved["settings"]["batch_size"] if run.saved else 32
-        args.shape, args.peer = str(run.folder), False
+    trained = None  # --ckpt: the run's model
+    if args.ckpt:
+        folder, trained, _ = load_checkpoint(args.ckpt)
+        saved = config.read_saved(folder)  # None: a run from before settings.json
+        cfg, B = trained.cfg, saved["settings"]["batch_size"] if saved else 32
+        args.shape, args.peer = str(folder), False
     else:
         cfg, B = shape_config(args.shape)
     B = args.batch_size or B
@@ -570,7 +576,7 @@ def main(argv=None, out=print) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):  # the peer when there is one, ours holding its weights either way
         peer = Peer(cfg) if peer_ok else None
-        model = (ours_from_peer(peer, device) if peer_ok else run.model.to(device) if run
+        model = (ours_from_peer(peer, device) if peer_ok else trained.to(device) if trained
                  else MiniGPT(cfg))
     models = {"ours": model} | ({"peer": peer} if peer_ok else {})
     for m in models.values():

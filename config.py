@@ -10,9 +10,11 @@ Adding a knob is one field: train.py's flag, its help, its check, --resume and t
 """
 
 import argparse
+import json
 import math
 import types
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +287,34 @@ def resumed(saved: dict, given: dict, where) -> Settings:
     s = Settings(**{**{k: v for k, v in saved.items() if k in known}, **given})
     validate(s)
     return s
+
+
+# -----------------------------------------------------------------------------
+# A run folder's settings.json: the settings the run trained with and its clock
+
+def write_saved(folder, settings: Settings, elapsed: float):
+    saved = dict(settings=settings.to_dict(), elapsed=elapsed)
+    (Path(folder) / "settings.json").write_text(json.dumps(saved, indent=1))
+
+
+def read_saved(folder) -> dict | None:
+    """-> {"settings": {...}, "elapsed": seconds} of a checkpoint folder, or None for one from
+    before settings.json existed (it answers, but cannot be resumed)."""
+    path = Path(folder) / "settings.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved["settings"], dict):
+            raise TypeError(f"\"settings\" is a {type(saved['settings']).__name__}, not an object")
+        unknown = set(saved["settings"]) - {f.name for f in fields(Settings)}
+        float(saved.get("elapsed", 0.0))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if unknown:
+        raise CheckpointError(f"{path}: settings this version does not know: "
+                              f"{', '.join(sorted(unknown))}")
+    return saved
 
 
 def validate(s: Settings):

@@ -575,6 +575,15 @@ class MiniGPT(nn.Module):
             p.requires_grad_(not llm or keep)
         self.train(self.training)
 
+    def configure_optimizers(self, lr: float, weight_decay: float, device):
+        """AdamW over the parameters that train, fused on CUDA; weight decay on matrices only (not
+        on norms, biases and the learned queries). -> (those parameters, the optimizer)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return params, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
+                                         fused=torch.device(device).type == "cuda")
+
     def train(self, mode: bool = True):
         """nn.Module.train, but a frozen ViT stays in eval mode: the BatchNorm of a conv stem then
         keeps its statistics, so the ViT really is fixed (and train.py --cache-features stays
@@ -906,3 +915,29 @@ class MiniGPT(nn.Module):
         except Exception as e:  # safetensors' own errors: truncated file, bad header
             raise CheckpointError(f"{folder / 'model.safetensors'}: cannot be read ({e})") from None
         return model
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint folder holds model.safetensors and config.json; train.py's --out folder holds
+    one under ckpt/."""
+    path = Path(path)
+    for folder in (path, path / "ckpt"):
+        if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+            return folder
+    raise CheckpointError(f"no checkpoint in {path}: expected "
+                          f"{path / 'ckpt' / 'model.safetensors'} "
+                          f"(train one with `python train.py --out {path}`) or a folder holding "
+                          f"model.safetensors and config.json")
+
+
+def load_checkpoint(path) -> tuple[Path, MiniGPT, dict]:
+    """sample.py's and bench.py's one way to read a trained run: -> (its checkpoint folder, the
+    model in eval mode on the CPU, config.json's "meta": what an answer needs besides the weights,
+    i.e. modalities, image_size, mean, std, box_format, template)."""
+    folder = find_checkpoint(path)
+    model = MiniGPT.from_checkpoint(folder)
+    meta = json.loads((folder / "config.json").read_text()).get("meta")
+    if not isinstance(meta, dict) or "modalities" not in meta:
+        raise CheckpointError(f"{folder / 'config.json'}: no \"meta\" with the data settings "
+                              f"(not written by train.py)")
+    return folder, model.eval(), meta

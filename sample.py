@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import checkpoint
 import data
 import prepare
 from config import CheckpointError, DataError
-from model import PRESENT_AT
+from model import PRESENT_AT, MiniGPT, load_checkpoint
 
 
 @torch.no_grad()
@@ -55,6 +54,19 @@ def predict(model, items, load, device, batch_size=32, pad=False):
         boxes.append(b.float().cpu()[: len(chunk)])
         probs.append(p.float().cpu()[: len(chunk)])
     return torch.cat(boxes), torch.cat(probs)
+
+
+@dataclass
+class Run:
+    """A trained run as model.load_checkpoint reads it: its checkpoint folder, the model, and the
+    data settings an answer needs (meta: modalities, image_size, mean, std, box_format)."""
+    folder: Path
+    model: MiniGPT
+    meta: dict
+
+    @property
+    def val_rows(self) -> Path:  # the validation rows train.py scored, saved beside the weights
+        return self.folder / "val.jsonl"
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +425,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    run = checkpoint.load(checkpoint.find(args.ckpt))
+    run = Run(*load_checkpoint(args.ckpt))
     run.model.to(args.device, torch.bfloat16 if args.bf16 else torch.float32)
     if args.compile:
         run.model.compile_decode()

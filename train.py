@@ -13,6 +13,7 @@ gpu by the device the run is on, or --preset NAME). The settings are saved with 
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -22,7 +23,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-import checkpoint
 import config
 import data
 import prepare
@@ -55,7 +55,7 @@ def open_out(s, given):
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file; name a folder (it is created if missing)")
-    has_ckpt = any((out / n / "model.safetensors").exists() for n in checkpoint.NAMES)
+    has_ckpt = any((out / n / "model.safetensors").exists() for n in CKPT_NAMES)
     if has_ckpt and not (s.resume or s.overwrite):
         raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with --resume, "
                               f"train into another --out, or replace it with --overwrite")
@@ -71,16 +71,55 @@ def open_out(s, given):
     for name in ("config.json", "model.safetensors", "tokenizer.model", "settings.json"):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt / name}: missing; the checkpoint cannot be resumed")
-    state = checkpoint.load_train_state(ckpt)
+    state = load_train_state(ckpt)
+    saved = config.read_saved(ckpt)
+    return config.resumed(saved["settings"], given, ckpt), dict(state, elapsed=saved.get("elapsed", 0.0))
+
+
+# The checkpoint folder, OUT/ckpt, written whole by save_checkpoint:
+#   model.safetensors, config.json   the weights and the model's config, with under "meta" what an
+#                                    answer needs besides them (MiniGPT.save_pretrained)
+#   settings.json                    the run's settings and its clock (config.write_saved)
+#   tokenizer.model                  the sentencepiece model, location tokens included
+#   val.jsonl                        the validation rows the run scored (image paths absolute)
+#   train_state.pt                   the optimiser's moments and the step, for --resume
+CKPT_NAMES = ("ckpt", "ckpt.old")  # the checkpoint, and the one being replaced during a save
+
+
+def save_checkpoint(out, model, tokenizer, meta, s, val_samples, optimizer, step, elapsed):
+    """Write OUT/ckpt whole: under ckpt.tmp first, then renamed over the old one, so a crash never
+    leaves half of one (open_out takes ckpt.old back after a crash between the renames)."""
+    out = Path(out)
+    tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, extra=meta)
+    shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")
+    config.write_saved(tmp, s, elapsed)
+    (tmp / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in
+                                           val_rows(val_samples, meta["modalities"])))
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def val_rows(samples, modalities):
+    """The validation rows as summary.jsonl rows that read from anywhere: image paths absolute, the
+    patient under "case"."""
+    keys = [f"{m}_path" for m in modalities]
+    return [{**s.row, **dict(zip(keys, s.paths)), "case": s.case} for s in samples]
+
+
+def load_train_state(folder) -> dict:
+    """--resume: the optimiser state and step of a checkpoint folder."""
     try:
-        saved = json.loads((ckpt / "settings.json").read_text())
-        settings = config.resumed(saved["settings"], given, ckpt)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, (SettingError, CheckpointError)):
-            raise
-        raise CheckpointError(f"{ckpt / 'settings.json'}: cannot read the run's settings "
-                              f"({e})") from None
-    return settings, dict(state, elapsed=saved.get("elapsed", 0.0))
+        return torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder / 'train_state.pt'}: missing; the checkpoint cannot be "
+                              f"resumed") from None
+    except Exception as e:  # torch raises several types for damaged files
+        raise CheckpointError(f"{folder / 'train_state.pt'}: cannot be read ({e})") from None
 
 
 def read_data(s, log):
@@ -139,16 +178,6 @@ def model_config(s, tokenizer, n_images) -> MiniGPTConfig:
         lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, loc_sigma=s.loc_sigma, box_head=s.box_head,
         patch_loss=s.patch_loss, patch_cells=s.patch_cells, flip_average=s.flip_average,
     )
-
-
-def make_optimizer(model, s, device):
-    """AdamW, fused on CUDA; no weight decay on vectors (norms, biases) and the learned queries.
-    -> (params, optimizer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return params, torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95),
-                                     fused=device.type == "cuda")
 
 
 def lr_at(s, step, elapsed):
@@ -352,7 +381,7 @@ def evaluate_and_save(job, step, elapsed, metrics, log):
         log(f"eval step {step}: val {data.score_line(score)} (mean-box answer: "
             f"{data.score_line(job.baseline)}) [{time.time() - t:.1f}s]")
         out = Path(job.s.out)
-        checkpoint.save(out, job.model, job.tokenizer, job.meta, job.s, job.val_samples,
+        save_checkpoint(out, job.model, job.tokenizer, job.meta, job.s, job.val_samples,
                         job.optimizer, step, elapsed)
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         plot_curves(metrics, out / "curves.png")
@@ -430,9 +459,9 @@ def main(argv=None):
     model.llm.grad_checkpoint = s.grad_checkpoint
     cfg = model.cfg  # loading pretrained parts fills in their sizes
     model.to(device)
-    params, optimizer = make_optimizer(model, s, device)
+    params, optimizer = model.configure_optimizers(s.lr, s.weight_decay, device)
     if state:
-        model.load_state_dict(checkpoint.load(out / "ckpt").model.state_dict())
+        model.load_state_dict(MiniGPT.from_checkpoint(out / "ckpt").state_dict())
         optimizer.load_state_dict(state["optimizer"])
         log(f"resumed from {out / 'ckpt'} at step {state['step']}")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -48,7 +48,7 @@ def test_bench_recipe_against_the_yardstick():
 
 def test_bench_times_a_trained_run_folder(tmp_path):
     """--ckpt: a run folder written by train.py, timed with its own shape and weights (loaded
-    through checkpoint.py)."""
+    through model.load_checkpoint and config.read_saved)."""
     import prepare
     from test_train import TINY, run
 

@@ -121,10 +121,9 @@ def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
     for x, y in zip(a, b):
         # two bins of the 128 px demo
         assert max(abs(u - v) for u, v in zip(x, y)) <= 2 * 128 / 64 + 1e-6
-    import checkpoint
     import sample
-    ckpt = checkpoint.load(checkpoint.find(out))
-    model, meta = ckpt.model, ckpt.meta
+    from model import load_checkpoint
+    _, model, meta = load_checkpoint(out)
     _, samples = data.read_summary(demo)
     read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
     padded = sample.predict(model, samples, read, "cpu", batch_size=4, pad=True)
@@ -432,6 +431,15 @@ def _bad_inputs(t, demo, trained):
          ["--data", demo, "--resume", *TINY, "--out",
           damaged("nosettings", lambda c: (c / "settings.json").unlink())],
          ["settings.json", "missing"], t / "nosettings"),
+        ("resume settings of a newer version", "train.py",
+         ["--data", demo, "--resume", *TINY, "--out",
+          damaged("newer", lambda c: (c / "settings.json").write_text(
+              json.dumps({"settings": {"warp_drive": 1}, "elapsed": 0.0})))],
+         ["settings.json", "does not know", "warp_drive"], t / "newer"),
+        ("resume broken settings", "train.py",
+         ["--data", demo, "--resume", *TINY, "--out",
+          damaged("badsettings", lambda c: (c / "settings.json").write_text("{"))],
+         ["settings.json", "cannot be read"], t / "badsettings"),
         ("unknown flag value", "train.py", [*data_argv(demo), "--box-head", "circle"],
          ["--box-head", "circle"], None),
         ("truncated weights", "sample.py",
@@ -451,8 +459,8 @@ def _bad_inputs(t, demo, trained):
          ["--images", *first, "--ckpt",
           damaged("nocfg", lambda c: (c / "config.json").unlink())],
          ["no checkpoint in", "nocfg"], t / "nocfg"),
-        ("no tokenizer", "sample.py",
-         ["--images", *first, "--ckpt",
+        ("resume without its tokenizer", "train.py",
+         ["--data", demo, "--resume", *TINY, "--out",
           damaged("notok", lambda c: (c / "tokenizer.model").unlink())],
          ["tokenizer.model", "missing"], t / "notok"),
         ("tensors of another shape", "sample.py",
@@ -622,9 +630,8 @@ def stub_model(monkeypatch, answer):
     import sample
     meta = dict(modalities=["t2f Axial", "t1c Axial"], image_size=32, mean=[0.5] * 3,
                 std=[0.5] * 3, box_format="corners")
-    run = SimpleNamespace(model=_StubModel(), meta=meta, folder=Path("stub"))
-    monkeypatch.setattr(sample.checkpoint, "find", lambda folder: Path(folder))
-    monkeypatch.setattr(sample.checkpoint, "load", lambda folder: run)
+    run = sample.Run(Path("stub"), _StubModel(), meta)
+    monkeypatch.setattr(sample, "load_checkpoint", lambda path: (run.folder, run.model, run.meta))
 
     def predict(model, items, load, device, batch_size=32, pad=False):
         assert load(items[0]).shape == (2, 3, 32, 32)  # the slices read as a model reads them
