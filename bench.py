@@ -27,6 +27,7 @@ no_grad, bf16 autocast, fused AdamW, torch.compile.
 """
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -40,7 +41,7 @@ import config
 import data
 from config import PRESETS, Settings
 from model import (LLaMAConfig, MiniGPT, MiniGPTConfig, generalized_iou, llama_mapping,
-                   load_checkpoint, shape_parts)
+                   load_checkpoint, shape_parts, update_ema)
 from vision import (QFORMER_IGNORE, QFormerConfig, ViTConfig, _ignored, load_mapped,
                     qformer_mapping, vit_mapping)
 
@@ -340,20 +341,23 @@ def yardstick_step(net, optimizer, x, y):
     return loss.detach()
 
 
-def recipe_step(model, optimizer, params, images, boxes, augment, step):
+def recipe_step(model, forward, ema, optimizer, params, images, boxes, augment, step, decay):
     """train.py's step of the CPU recipe, all of it: the batch's augmentation, its answer tokens,
-    forward, backward, clip at 1.0, AdamW (train.train_step with one micro-batch, no autocast).
-    images (B, N, 3, S, S), boxes (B, 1, 4) normalised."""
+    forward, backward, clip at 1.0, AdamW (train.train_step with one micro-batch, no autocast),
+    then the weights' moving average (--ema). images (B, N, 3, S, S), boxes (B, 1, 4)
+    normalised; forward: the model, compiled or not."""
     cfg = model.cfg
     images, boxes = augment(images, boxes, data.step_generator(0, step))
     answer, mask = data.answer_tokens(boxes, torch.ones(len(boxes), dtype=torch.long),
                                       cfg.num_bins, cfg.loc_start, cfg.box_end_id, cfg.eos_id,
                                       cfg.pad_id)
-    loss = model(images, answer, mask, boxes[:, 0])
+    loss = forward(images, answer, mask, boxes[:, 0])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        update_ema(ema, model, decay, step + 1)
     return loss.detach()
 
 
@@ -381,7 +385,9 @@ def bench_recipe(args, emit):
         forward = torch.compile(model) if args.compile else model
         images = torch.randn(B, n, 3, S, S, generator=g).to(device)
         augment = data.Augment()
-        step = lambda k: recipe_step(forward, optimizer, params, images, boxes, augment, k)
+        ema = copy.deepcopy(model).requires_grad_(False) if settings.ema else None
+        step = lambda k: recipe_step(model, forward, ema, optimizer, params, images, boxes,
+                                     augment, k, settings.ema)
         ours = statistics.median(time_train(step, [], device, args.steps, args.warmup,
                                             counter=True))
         net = yardstick(n).to(device).train()

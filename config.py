@@ -152,6 +152,10 @@ class Train:
     decay_steps: int | None = knob(None, "steps of the cosine decay (None: --max-steps; with "
                                    "only a time budget the decay follows the clock)",
                                    range=(1, BIG))
+    ema: float = knob(0.0, "decay per step of an exponential moving average of the trained "
+                      "weights; the average is what is evaluated, saved and answers (0 = off; "
+                      "on, a second copy of the model in memory)",
+                      range=(0.0, 0.99999))
     eval_every: int = knob(200, "evaluate and save every N steps", range=(1, BIG))
     log_every: int = knob(25, "progress line every N steps", range=(1, BIG))
     seed: int = knob(0, "seed for initialisation, data order and the split", range=(0, 2**63 - 1))
@@ -185,13 +189,15 @@ PRESETS = {
     "cpu": dict(image_size=64, patch_size=16, vit_width=128, vit_depth=4, vit_heads=4,
                 vit_stem="conv", num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
                 pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=1.0, patch_cells=2,
-                batch_size=32, lr=1e-3, warmup_steps=100, max_minutes=8.0, eval_every=200),
+                num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,
+                batch_size=32, lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0,
+                eval_every=200),
     "gpu": dict(image_size=128, patch_size=16, vit_width=384, vit_depth=8, vit_heads=6,
                 vit_stem="conv", num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6,
                 pooled_queries=True, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-                num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=1.0, patch_cells=2,
-                batch_size=64, lr=5e-4, warmup_steps=200, max_minutes=8.0, eval_every=500),
+                num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,
+                batch_size=64, lr=5e-4, warmup_steps=200, ema=0.995, max_minutes=8.0,
+                eval_every=500),
 }
 # bench.py's CPU shape: the CPU recipe's widths with the layout the transformers peer also builds
 PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", patch_size=8, num_query=16,
@@ -207,9 +213,10 @@ def pretrained(values: dict) -> dict:
                 pooled_queries=False, patch_loss=0.0)
 
 
+# no --ema: its average would be a second copy of the whole 7B model for a few adapters
 PRESETS["minigpt4"] = pretrained(dict(PRESETS["gpu"], minigpt4=True, template="vicuna",
                                       image_size=224, freeze_vit=True, freeze_qformer=True,
-                                      freeze_llm=True, lora_rank=8))
+                                      freeze_llm=True, lora_rank=8, ema=0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -284,6 +291,7 @@ def resumed(saved: dict, given: dict, where) -> Settings:
             raise CheckpointError(f"{flag(k)} {given[k]} disagrees with the checkpoint in {where} "
                                   f"({saved[k]}); drop the flag to resume, or train afresh with "
                                   f"another --out")
+    known -= {"resume", "overwrite"}  # how that run was started, not how this one is
     s = Settings(**{**{k: v for k, v in saved.items() if k in known}, **given})
     validate(s)
     return s

@@ -917,6 +917,23 @@ class MiniGPT(nn.Module):
         return model
 
 
+# -----------------------------------------------------------------------------
+# train.py's helpers that bench.py times too, and reading a checkpoint folder
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model over the trained parameters, d = min(decay, (1 + step) /
+    (10 + step)): the early average does not hold on to the random start. The BatchNorm statistics
+    are the model's own, copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)  # one fused op
+    buffers = dict(ema.named_buffers())
+    for name, b in model.named_buffers():
+        if name in buffers:
+            buffers[name].copy_(b)
+
+
 def find_checkpoint(path) -> Path:
     """A checkpoint folder holds model.safetensors and config.json; train.py's --out folder holds
     one under ckpt/."""

@@ -10,6 +10,7 @@ gpu by the device the run is on, or --preset NAME). The settings are saved with 
 `--resume` and sample.py rebuild exactly what was trained.
 """
 
+import copy
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import config
 import data
 import prepare
 from config import CheckpointError, DataError, SettingError
-from model import PRESENT_AT, MiniGPT, MiniGPTConfig, shape_parts
+from model import PRESENT_AT, MiniGPT, MiniGPTConfig, shape_parts, update_ema
 from vision import ViTConfig
 
 
@@ -82,13 +83,18 @@ def open_out(s, given):
 #   settings.json                    the run's settings and its clock (config.write_saved)
 #   tokenizer.model                  the sentencepiece model, location tokens included
 #   val.jsonl                        the validation rows the run scored (image paths absolute)
-#   train_state.pt                   the optimiser's moments and the step, for --resume
+#   train_state.pt                   the optimiser's moments and the step, for --resume (with
+#                                    --ema also the trained weights: model.safetensors holds
+#                                    their average)
 CKPT_NAMES = ("ckpt", "ckpt.old")  # the checkpoint, and the one being replaced during a save
 
 
-def save_checkpoint(out, model, tokenizer, meta, s, val_samples, optimizer, step, elapsed):
+def save_checkpoint(out, model, tokenizer, meta, s, val_samples, optimizer, step, elapsed,
+                    trained=None):
     """Write OUT/ckpt whole: under ckpt.tmp first, then renamed over the old one, so a crash never
-    leaves half of one (open_out takes ckpt.old back after a crash between the renames)."""
+    leaves half of one (open_out takes ckpt.old back after a crash between the renames). model:
+    what answers (with --ema the average); trained: the weights the optimiser steps, when they
+    are another model, kept in train_state.pt for --resume."""
     out = Path(out)
     tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +103,10 @@ def save_checkpoint(out, model, tokenizer, meta, s, val_samples, optimizer, step
     config.write_saved(tmp, s, elapsed)
     (tmp / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in
                                            val_rows(val_samples, meta["modalities"])))
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
+    state = {"step": step, "optimizer": optimizer.state_dict()}
+    if trained is not None:
+        state["trained"] = trained.state_dict()
+    torch.save(state, tmp / "train_state.pt")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -348,6 +357,7 @@ class Job:
     tr_feats: torch.Tensor | None  # (M, N, T, W) with --cache-features
     va_images: torch.Tensor
     baseline: dict  # the mean-box answer's scores on the validation rows
+    ema: MiniGPT | None  # --ema: the average of the weights, which is evaluated and saved
 
 
 def next_batch(job, step, augment):
@@ -375,14 +385,15 @@ def evaluate_and_save(job, step, elapsed, metrics, log):
     if job.rank == 0:
         t = time.time()
         bf16 = job.s.bf16 and job.device.type == "cuda"
-        preds = predict(job.model, job.va_images, job.val_samples, job.device, bf16)
+        answering = job.ema if job.ema is not None else job.model
+        preds = predict(answering, job.va_images, job.val_samples, job.device, bf16)
         score = data.score_boxes(preds, job.val_samples)
         metrics.append(metrics_row(step, elapsed, score, job.baseline))
         log(f"eval step {step}: val {data.score_line(score)} (mean-box answer: "
             f"{data.score_line(job.baseline)}) [{time.time() - t:.1f}s]")
         out = Path(job.s.out)
-        save_checkpoint(out, job.model, job.tokenizer, job.meta, job.s, job.val_samples,
-                        job.optimizer, step, elapsed)
+        save_checkpoint(out, answering, job.tokenizer, job.meta, job.s, job.val_samples,
+                        job.optimizer, step, elapsed, job.model if job.ema is not None else None)
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         plot_curves(metrics, out / "curves.png")
     if job.ddp:
@@ -409,6 +420,8 @@ def train(job, step, elapsed0, metrics, log):
         loss_acc = loss_acc + train_step(job.train_model, job.optimizer, job.params, batch, s,
                                          job.ddp)
         step, n_acc = step + 1, n_acc + 1
+        if job.ema is not None:
+            update_ema(job.ema, job.model, s.ema, step)
         if step % s.log_every == 0 or step % s.eval_every == 0 or step == s.max_steps:
             loss_val = (loss_acc / n_acc).item()  # the loss is read back (a host sync) only here
             if not math.isfinite(loss_val):
@@ -460,8 +473,14 @@ def main(argv=None):
     cfg = model.cfg  # loading pretrained parts fills in their sizes
     model.to(device)
     params, optimizer = model.configure_optimizers(s.lr, s.weight_decay, device)
+    ema = None
+    if s.ema:  # the average starts as the model (as the checkpoint's average when resuming)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
     if state:
-        model.load_state_dict(MiniGPT.from_checkpoint(out / "ckpt").state_dict())
+        saved = MiniGPT.from_checkpoint(out / "ckpt").state_dict()  # a run with --ema: the average
+        model.load_state_dict(state.get("trained", saved))
+        if ema is not None:
+            ema.load_state_dict(saved)
         optimizer.load_state_dict(state["optimizer"])
         log(f"resumed from {out / 'ckpt'} at step {state['step']}")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -485,7 +504,7 @@ def main(argv=None):
                 std=list(data.CLIP_STD), box_format=s.box_format, template=s.template)
     baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, val_samples), val_samples)
     job = Job(s, device, ddp, rank, world, model, train_model, params, optimizer, tokenizer, meta,
-              val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, baseline)
+              val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, baseline, ema)
 
     # a resumed run keeps its curve and its clock
     step = state["step"] if state else 0

@@ -99,6 +99,10 @@ def test_resume_takes_the_saved_settings_and_the_flags_given():
         config.resumed(saved.to_dict(), {"dim": 32}, "ckpt")
     with pytest.raises(SettingError, match="--lr nan"):
         config.resumed(saved.to_dict(), {"lr": float("nan")}, "ckpt")
+    # a run started with --overwrite resumes: how it was started is not carried over
+    started, _ = config.parse(["--overwrite"])
+    s = config.resumed(started.to_dict(), {"resume": True}, "ckpt")
+    assert s.resume and not s.overwrite
 
 
 def test_shape_parts_derive_the_mlp_widths():

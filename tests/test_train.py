@@ -218,8 +218,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo):
     assert all(torch.equal(kept[k], good[k]) for k in good)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo):
-    common = ["--data", demo, "--decay-steps", 20, "--eval-every", 10, *TINY]
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo, ema):
+    """With --ema the saved weights are the average, and the trained ones resume from
+    train_state.pt: both must continue where the uninterrupted run went."""
+    common = ["--data", demo, "--decay-steps", 20, "--eval-every", 10, *TINY, *ema]
     run("train.py", *common, "--out", tmp_path / "a", "--max-steps", 20)
     run("train.py", *common, "--out", tmp_path / "b", "--max-steps", 10)
     b10 = load_file(tmp_path / "b" / "ckpt" / "model.safetensors")
@@ -231,6 +234,30 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, demo):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert any(not torch.equal(a[k], b10[k]) for k in a)  # the resumed steps did train
+
+
+def test_ema_averages_the_trained_weights_and_copies_the_batchnorm_statistics():
+    from model import update_ema
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2),
+                                torch.nn.Linear(2, 1))
+    model[2].requires_grad_(False)  # a frozen part: its average is never touched
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2),
+                              torch.nn.Linear(2, 1))
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    model(torch.randn(8, 3))  # train mode: the BatchNorm statistics move
+    update_ema(ema, model, decay=0.99, step=5)
+    d = 6 / 15  # (1 + step) / (10 + step), below 0.99
+    for k in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        want = d * before[k] + (1 - d) * model.state_dict()[k]
+        torch.testing.assert_close(ema.state_dict()[k], want, rtol=0, atol=1e-7)
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(ema.state_dict()[k], model.state_dict()[k])
+    assert torch.equal(ema[2].weight, before["2.weight"])
+    update_ema(ema, model, decay=0.5, step=1000)  # late: the decay itself
+    w = ema[0].weight.clone()
+    update_ema(ema, model, decay=0.5, step=1000)
+    torch.testing.assert_close(ema[0].weight, 0.5 * w + 0.5 * model[0].weight, rtol=0, atol=1e-7)
 
 
 def test_cached_vit_features_train_like_the_vit(tmp_path, demo):
