@@ -1,7 +1,7 @@
 """
 What defines a run, in one place: its settings (model shape, data, optimisation) as typed fields
 with their help and valid range, the named presets that fill them, the command-line flags made from
-them, and the project's errors.
+them, a run folder's settings.json (read_saved / write_saved), and the project's errors.
 
     settings = config.parse(argv)   # flags -> Settings: the preset, then the flags given; validated
     config.PRESETS["cpu"]           # the sizes and schedule of the CPU recipe
