@@ -74,7 +74,8 @@ def open_out(s, given):
             raise CheckpointError(f"{ckpt / name}: missing; the checkpoint cannot be resumed")
     state = load_train_state(ckpt)
     saved = config.read_saved(ckpt)
-    return config.resumed(saved["settings"], given, ckpt), dict(state, elapsed=saved.get("elapsed", 0.0))
+    settings = config.resumed(saved["settings"], given, ckpt)
+    return settings, dict(state, elapsed=saved.get("elapsed", 0.0))
 
 
 # The checkpoint folder, OUT/ckpt, written whole by save_checkpoint:
