@@ -74,6 +74,11 @@ class Shape:
                                 "one stride-2 3x3 conv per halving), cnn (two 3x3 convs and a "
                                 "max-pool per halving: the heavy hybrid stem)",
                                 choices=("patch", "cnn", "conv"))
+    stem_stride: int = knob(1, "stride of the conv stem's first 3x3 conv: 1 at full resolution; 2 "
+                            "halves at once, so with twice the image size and patch size the "
+                            "convs and the token grid stay the same while the stem reads four "
+                            "times the pixels (augmentation also works on all of them)",
+                            range=(1, 2))
     num_query: int | None = knob(None, "Q-Former queries = tokens per image", range=(1, 1024))
     qformer_width: int | None = knob(None, "Q-Former width", range=(8, 16384))
     qformer_depth: int | None = knob(None, "Q-Former layers", range=(1, 256))
@@ -360,6 +365,8 @@ def validate(s: Settings):
              f"(2, 4, 8, ...)")
     if s.vit_stem in ("cnn", "conv") and s.patch_size == 1:
         fail(f"--patch-size 1: the {s.vit_stem} stem halves at least once; use 2 or more")
+    if s.stem_stride == 2 and s.vit_stem != "conv":
+        fail(f"--stem-stride 2: only the conv stem has it (--vit-stem is {s.vit_stem})")
     for width, heads in (("vit_width", "vit_heads"), ("qformer_width", "qformer_heads"),
                          ("dim", "n_heads")):
         w, h = getattr(s, width), getattr(s, heads)

@@ -59,6 +59,7 @@ class ViTConfig:
     patch_bias: bool = True  # CLIP's patch embedding has no bias
     # "patch": one conv of stride patch_size (every pretrained layout); "cnn", "conv": see ConvStem
     stem: str = "patch"
+    stem_stride: int = 1  # the "conv" stem's first conv: 2 halves at once (see ConvStem)
 
     @property
     def grid(self) -> int:
@@ -189,18 +190,24 @@ class ConvStem(nn.Sequential):
     conv per halving (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"), each
     with BatchNorm and ReLU, channels 32, 64, ... up to the width: past the first layer it halves
     before it convolves, so its other layers run on few pixels and many channels, where a CPU's
-    convolutions are fast (the full-resolution layer takes about half of its time). The same token
-    grid as a patch embedding."""
+    convolutions are fast (the full-resolution layer takes about half of its time). With
+    first_stride 2 that first conv halves the image at once: an image of twice the side then costs
+    about what the full-resolution conv costs at the smaller side, and the layers after it see the
+    same grids, so the stem reads four times the pixels for the same work. The same token grid as a
+    patch embedding."""
 
-    def __init__(self, channels: int, width: int, patch_size: int, light: bool = False):
+    def __init__(self, channels: int, width: int, patch_size: int, light: bool = False,
+                 first_stride: int = 1):
         n = int(math.log2(patch_size))
         if 2**n != patch_size or n < 1:
             raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        if first_stride not in (1, 2) or (first_stride == 2 and not light):
+            raise ValueError(f"first_stride {first_stride}: 1, or 2 with the light stem")
         layers = []
-        if light:  # C -> 16 at full resolution, then 32, 64, ..., at most the width
-            layers += [nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
-                       nn.ReLU()]
-            chans = [16] + [min(32 << i, width) for i in range(n)]
+        if light:  # C -> 16 at full resolution (or half), then 32, 64, ..., at most the width
+            layers += [nn.Conv2d(channels, 16, 3, stride=first_stride, padding=1, bias=False),
+                       nn.BatchNorm2d(16), nn.ReLU()]
+            chans = [16] + [min(32 << i, width) for i in range(n - first_stride + 1)]
         else:  # C, ..., width/2
             chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]
         for a, b in zip(chans[:-1], chans[1:]):
@@ -248,7 +255,8 @@ class ViT(nn.Module):
         if cfg.stem not in ("patch", "conv", "cnn"):
             raise ValueError(f"stem must be 'patch', 'conv' or 'cnn', got {cfg.stem!r}")
         if cfg.stem != "patch":
-            self.patch_embed = ConvStem(C, D, cfg.patch_size, light=cfg.stem == "conv")
+            self.patch_embed = ConvStem(C, D, cfg.patch_size, light=cfg.stem == "conv",
+                                        first_stride=cfg.stem_stride)
         else:
             p = cfg.patch_size
             self.patch_embed = nn.Conv2d(C, D, p, stride=p, bias=cfg.patch_bias)

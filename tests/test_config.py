@@ -8,6 +8,7 @@ import config
 import data
 from config import PRESETS, CheckpointError, SettingError, Settings
 from model import shape_parts
+from vision import ViT
 
 
 def test_every_field_has_help_and_every_preset_names_known_fields():
@@ -72,6 +73,8 @@ def test_a_pretrained_vision_folder_brings_its_own_sizes():
     (["--image-size", "48", "--patch-size", "6"],
      "--patch-size 6: the conv stem needs a power of two"),
     (["--patch-cells", "0"], "--patch-cells 0"),
+    (["--stem-stride", "3"], "--stem-stride 3: must be between 1 and 2"),
+    (["--stem-stride", "2", "--vit-stem", "cnn"], "--stem-stride 2: only the conv stem has it"),
     (["--vit-width", "100", "--vit-heads", "3"],
      "--vit-width 100: must be a multiple of --vit-heads 3"),
     (["--n-heads", "4", "--n-kv-heads", "3"], "--n-heads 4: must be a multiple of --n-kv-heads 3"),
@@ -110,4 +113,7 @@ def test_shape_parts_derive_the_mlp_widths():
     assert parts["vit"].mlp_dim == 4 * 128 and parts["qformer"].mlp_dim == 4 * 128
     assert parts["qformer"].vision_width == 128 and parts["qformer"].out_dim == 128
     assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128)
-    assert parts["vit"].stem == "conv"
+    assert parts["vit"].stem == "conv" and parts["vit"].stem_stride == 1
+    s, _ = config.parse(["--image-size", "128", "--patch-size", "32", "--stem-stride", "2"])
+    vit = ViT(shape_parts(s, vocab_size=300)["vit"])
+    assert vit.patch_embed[0].stride == (2, 2) and vit.cfg.grid == 4

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from vision import (
     CheckpointError,
+    ConvStem,
     QFormer,
     QFormerConfig,
     ViT,
@@ -429,9 +430,10 @@ def test_from_scratch_qformer_hears_the_image():
     assert ratio > 0.1, ratio
 
 
-@pytest.mark.parametrize("stem", ["cnn", "conv"])
-def test_conv_stems_keep_the_patch_grid_and_learn(stem):
-    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem=stem)
+@pytest.mark.parametrize("stem, stride", [("cnn", 1), ("conv", 1), ("conv", 2)])
+def test_conv_stems_keep_the_patch_grid_and_learn(stem, stride):
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, stem=stem,
+                    stem_stride=stride)
     vit = ViT(cfg)
     x = torch.randn(5, 3, 32, 32, requires_grad=True)
     out = vit(x)
@@ -442,6 +444,28 @@ def test_conv_stems_keep_the_patch_grid_and_learn(stem):
     with pytest.raises(ValueError, match="power-of-two patch size"):
         ViT(ViTConfig(image_size=36, patch_size=12, width=32, depth=1, heads=2, mlp_dim=64,
                       stem=stem))
+
+
+def test_a_stride_2_stem_reads_twice_the_side_for_the_same_work():
+    """--stem-stride 2: at 64 px with 16 px patches, the same convs on the same grids (so the same
+    FLOPs) as the full-resolution stem at 32 px with 8 px patches; only the first conv's input
+    differs."""
+    full, half = ConvStem(3, 32, 8, light=True), ConvStem(3, 32, 16, light=True, first_stride=2)
+    assert half.flops(64) == full.flops(32)
+    assert (layer_shapes(half, torch.randn(2, 3, 64, 64))
+            == layer_shapes(full, torch.randn(2, 3, 32, 32)))
+    assert half[0].stride == (2, 2) and full[0].stride == (1, 1)
+    with pytest.raises(ValueError, match="first_stride"):
+        ConvStem(3, 32, 8, light=False, first_stride=2)
+
+
+def layer_shapes(stem, x):
+    """The output shape of every layer of a conv stem."""
+    shapes = []
+    for m in stem:
+        x = m(x)
+        shapes.append(tuple(x.shape))
+    return shapes
 
 
 def test_pooled_queries_start_from_their_region():
