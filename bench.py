@@ -316,6 +316,9 @@ def time_answer(generate, image, cfg, device, repeats: int, warmup: int):
 # the CPU recipe against the yardstick: training samples per second, side by side in one run
 
 
+YARDSTICK_SIZE = 64  # pixels: the yardstick's default input size (docs/results.md)
+
+
 def yardstick(channels: int) -> nn.Module:
     """The plain CNN box regressor every accuracy figure is held against (docs/results.md): five
     blocks of two conv3x3-BN-ReLU and a max-pool (32 to 256 channels), global average pooling, a
@@ -392,10 +395,14 @@ def bench_recipe(args, emit):
                                             counter=True))
         net = yardstick(n).to(device).train()
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        x, y = images[:, :, 0], boxes[:, 0]
+        # the yardstick at its own image size (cnn_baseline.py --size, default 64), as it runs
+        # beside the recipe in every comparison
+        x = torch.randn(B, n, YARDSTICK_SIZE, YARDSTICK_SIZE, generator=g).to(device)
+        y = boxes[:, 0]
         cnn = statistics.median(time_train(lambda: yardstick_step(net, opt, x, y), [], device,
                                            args.steps, args.warmup))
-        emit(kind="recipe", modalities=n, batch_size=B, image_size=S, compiled=args.compile,
+        emit(kind="recipe", modalities=n, batch_size=B, image_size=S,
+             yardstick_image_size=YARDSTICK_SIZE, compiled=args.compile,
              step_s=round(ours, 4), samples_per_s=round(B / ours, 1),
              yardstick_step_s=round(cnn, 4), yardstick_samples_per_s=round(B / cnn, 1),
              ratio=round(cnn / ours, 3), threads=torch.get_num_threads())
