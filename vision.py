@@ -193,8 +193,8 @@ class ConvStem(nn.Sequential):
     convolutions are fast (the full-resolution layer takes about half of its time). With
     first_stride 2 that first conv halves the image at once: an image of twice the side then costs
     about what the full-resolution conv costs at the smaller side, and the layers after it see the
-    same grids, so the stem reads four times the pixels for the same work. The same token grid as a
-    patch embedding."""
+    same grids, so the stem reads four times the pixels for the same conv work. The same token grid
+    as a patch embedding."""
 
     def __init__(self, channels: int, width: int, patch_size: int, light: bool = False,
                  first_stride: int = 1):
@@ -207,7 +207,8 @@ class ConvStem(nn.Sequential):
         if light:  # C -> 16 at full resolution (or half), then 32, 64, ..., at most the width
             layers += [nn.Conv2d(channels, 16, 3, stride=first_stride, padding=1, bias=False),
                        nn.BatchNorm2d(16), nn.ReLU()]
-            chans = [16] + [min(32 << i, width) for i in range(n - first_stride + 1)]
+            halvings_left = n if first_stride == 1 else n - 1  # a stride-2 first conv did one
+            chans = [16] + [min(32 << i, width) for i in range(halvings_left)]
         else:  # C, ..., width/2
             chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]
         for a, b in zip(chans[:-1], chans[1:]):
