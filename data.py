@@ -104,6 +104,40 @@ def read_summary(path, box_format="corners", require_boxes=True, check_images=Tr
     return modalities, samples
 
 
+# A row's "context_slices": C (prepare.py brats --context-slices): its images are RGB pictures of
+# slices k - C, k, k + C of a study, not one grey slice. A model trained on them answers only such
+# pictures, so the value travels with its checkpoint (train.py) and sample.py checks it.
+CONTEXT_KEY = "context_slices"
+MAX_CONTEXT = 16
+
+
+def context_slices(samples, path) -> int:
+    """-> the rows' "context_slices" (0 where absent): one whole number in [0, MAX_CONTEXT], the
+    same on every row (the pictures of one model are made one way); else DataError naming the
+    line."""
+    values = {}
+    for s in samples:
+        v = s.row.get(CONTEXT_KEY, 0)
+        if type(v) is not int or not 0 <= v <= MAX_CONTEXT:
+            raise DataError(f"{path}:{s.line}: \"{CONTEXT_KEY}\" {v!r}: expected a whole number "
+                            f"from 0 to {MAX_CONTEXT}")
+        values.setdefault(v, s.line)
+    if len(values) > 1:
+        (a, la), (b, lb) = sorted(values.items(), key=lambda kv: kv[1])[:2]
+        raise DataError(f"{path}:{lb}: \"{CONTEXT_KEY}\" {b}, but line {la} says {a}: the images "
+                        f"of one dataset must be made one way")
+    return next(iter(values), 0)
+
+
+def image_mode(path) -> str:
+    """An image file's PIL mode ("L" grey, "RGB", ...), from its header; DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as an image ({e})") from None
+
+
 def sample_from_images(paths):
     """The images of one study given on a command line -> a Sample without boxes; errors name the
     file."""

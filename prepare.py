@@ -3,11 +3,12 @@ Turn datasets into summary.jsonl (the format data.py reads at run time; see READ
 
     python prepare.py demo OUT_DIR [--cases K] [--seed S]         # synthetic BraTS-like phantoms
     python prepare.py brats SRC_DIR OUT_DIR [--views axial,coronal] [--negatives R]  # NIfTI cases
+        [--context-slices C]                                      # + the neighbours, as colour
     python prepare.py masks SRC_DIR OUT_DIR [--cases cases.csv]   # image + mask pairs
 
 Read top to bottom: writing jsonl and a contact sheet to check it by eye, the synthetic demo,
 reading and writing NIfTI volumes, and studies (read_study, with head_region for a scan that has
-neither a brain mask nor a zero background; view_slice, slice_jpeg, volume_box: sample.py --volume
+neither a brain mask nor a zero background; view_slice, slice_image, volume_box: sample.py --volume
 answers a whole study through these, so its slices are the converter's pictures), the BraTS
 converter, the image + mask converter, then the command line. Like nanoGPT's data/*/prepare.py, this
 runs once per dataset; train.py and sample.py only read its output.
@@ -569,9 +570,22 @@ def brain_slices(brain, view):
     return area >= MIN_BRAIN_SHARE * area.max()
 
 
-def slice_jpeg(volume, view, k):
-    """Slice k of a windowed uint8 volume in a view -> the converter's JPEG file as bytes."""
-    return gray_jpeg(view_slice(volume, view, k))
+def slice_image(volume, view, k, context=0):
+    """Slice k of a windowed uint8 volume in a view -> the converter's image file as bytes.
+
+    context 0: a grey JPEG of the slice. context c > 0: an RGB PNG whose red, green and blue are
+    slices k - c, k and k + c (the first or last slice repeated past the volume's ends), so one
+    image shows the model whether the tumour goes on above and below: the few-pixel sections at a
+    tumour's ends sit next to larger ones. PNG, because JPEG would blur the colour (the
+    differences between the slices) at half resolution."""
+    if context == 0:
+        return gray_jpeg(view_slice(volume, view, k))
+    n = volume.shape[VIEW_AXIS[view]]
+    rgb = np.stack([view_slice(volume, view, min(max(k + d, 0), n - 1))
+                    for d in (-context, 0, context)], -1)  # (H, W, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def volume_box(box, view, k, shape):
@@ -600,17 +614,20 @@ def image_box(box, view, shape):
 
 
 def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, val_fraction=0.2,
-                  seed=0, log=print):
-    """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG slices and jsonl rows (README, "Your
-    data").
+                  seed=0, context=0, log=print):
+    """BraTS case folders `<case>/<case>-<mod>.nii.gz` -> JPEG (or PNG) slices and jsonl rows
+    (README, "Your data").
 
     Keeps slices with at least min_tumor_px whole-tumour pixels (seg > 0), and with negatives R > 0
     also round(R * that many) slices without any tumour pixel, "box": [], spread evenly over the
     slices that show brain, or head (read_study, brain_slices: not the air above and below it).
     Images are out/images/<case>_<viewindex>-<slice>_<modindex>.jpg (view index in VIEWS, modality
-    index in the row's key order). Each row names its patient, the case folder, as "case". Writes
-    summary.jsonl (all rows), train.jsonl and val.jsonl (split by that patient). Rows of different
-    views have different keys, so with several views each view gets its own folder out/<view>/.
+    index in the row's key order); with context C > 0, .png pictures of slices k - C, k, k + C as
+    colours (slice_image), and every row says "context_slices": C (data.context_slices), so that
+    train.py records it and sample.py --volume draws its slices the same way. Each row names its
+    patient, the case folder, as "case". Writes summary.jsonl (all rows), train.jsonl and val.jsonl
+    (split by that patient). Rows of different views have different keys, so with several views
+    each view gets its own folder out/<view>/.
     Returns {view: number of rows}.
     """
     src, out = Path(src), Path(out)
@@ -656,11 +673,13 @@ def convert_brats(src, out, views=("axial",), min_tumor_px=100, negatives=0.0, v
             for k in sorted([*tumour, *free]):
                 row = {}
                 for j, (m, img) in enumerate(zip(mods, images)):
-                    name = f"images/{d.name}_{vi}-{k:03d}_{j}.jpg"
-                    (folder / name).write_bytes(slice_jpeg(img, view, k))
+                    name = f"images/{d.name}_{vi}-{k:03d}_{j}.{'png' if context else 'jpg'}"
+                    (folder / name).write_bytes(slice_image(img, view, k, context))
                     row[f"{m} {view.capitalize()}_path"] = name
                 row["box"] = [mask_box(view_slice(seg, view, k))] if counts[k] > 0 else []
                 row["case"] = d.name
+                if context:
+                    row[data.CONTEXT_KEY] = context
                 rows[view].append(row)
             added[view] = f"{len(tumour)} slices"
             if negatives > 0:
@@ -851,6 +870,10 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of patients for val.jsonl (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    p.add_argument("--context-slices", type=int, default=0, metavar="C",
+                   help="C > 0: each picture is an RGB PNG of slices k - C, k, k + C (red, green, "
+                        "blue), so the model sees the tumour's neighbours; whole studies are "
+                        "then answered the same way (default 0: a grey JPEG of slice k)")
     p = sub.add_parser("masks",
                        help="convert image + mask pairs (one or several modalities) into jsonl")
     p.add_argument("src_dir", help="the dataset's folder; the patterns below are relative to it")
@@ -897,8 +920,11 @@ def main(argv=None):
             parser.error(f"--views: unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
         if args.negatives < 0:
             parser.error(f"--negatives {args.negatives}: expected a number >= 0")
+        if not 0 <= args.context_slices <= data.MAX_CONTEXT:
+            parser.error(f"--context-slices {args.context_slices}: expected 0 to "
+                         f"{data.MAX_CONTEXT}")
         convert_brats(args.src_dir, args.out_dir, views, args.min_tumor_px, args.negatives,
-                      args.val_fraction, args.seed)
+                      args.val_fraction, args.seed, args.context_slices)
 
 
 if __name__ == "__main__":

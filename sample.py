@@ -98,7 +98,14 @@ def images_samples(run, images):
         raise DataError(f"got {len(images)} images, but the checkpoint {run.folder} expects "
                         f"{len(modalities)}, one per modality in this order: "
                         f"{', '.join(modalities)}")
-    return [data.sample_from_images(images)]
+    sample = data.sample_from_images(images)  # each file read, or an error naming it
+    context = run.meta.get("context_slices", 0)
+    for path in sample.paths:  # such a model reads only pictures of three slices (data.CONTEXT_KEY)
+        if context and data.image_mode(path) != "RGB":
+            raise DataError(f"{path}: a grey image, but the checkpoint {run.folder} reads RGB "
+                            f"pictures of slices k - {context}, k, k + {context} (prepare.py brats "
+                            f"--context-slices {context}); answer the whole study with --volume")
+    return [sample]
 
 
 def rows_samples(run, path, box_format):
@@ -107,6 +114,11 @@ def rows_samples(run, path, box_format):
     file_mods, samples = data.read_summary(path, box_format=box_format, require_boxes=False)
     if sorted(file_mods) != sorted(modalities):
         raise DataError(f"{path}: modalities {file_mods} differ from the checkpoint's {modalities}")
+    context, trained = data.context_slices(samples, path), run.meta.get("context_slices", 0)
+    if context != trained:
+        raise DataError(f"{path}: rows with \"{data.CONTEXT_KEY}\" {context}, but the checkpoint "
+                        f"{run.folder} was trained on {trained} (its pictures are made another "
+                        f"way: prepare.py brats --context-slices)")
     order = [file_mods.index(m) for m in modalities]  # the same modalities in the model's order
     for s in samples:
         s.paths = [s.paths[k] for k in order]
@@ -267,9 +279,10 @@ def answer_study(run, volume, brainmask, device, pad=False):
     view = trained_view(meta["modalities"])
     ks = [int(k) for k in np.nonzero(prepare.brain_slices(brain, view))[0]]
     H, W = prepare.view_slice(images[0], view, 0).shape
+    context = meta.get("context_slices", 0)  # pictures of slices k - c, k, k + c (0: slice k)
 
-    def read(k):  # the converter's JPEG of each modality's slice k, read as training read it
-        return torch.stack([data.load_image(io.BytesIO(prepare.slice_jpeg(v, view, k)),
+    def read(k):  # the converter's picture of each modality's slice k, read as training read it
+        return torch.stack([data.load_image(io.BytesIO(prepare.slice_image(v, view, k, context)),
                                             meta["image_size"], meta["mean"], meta["std"])
                             for v in images])
 

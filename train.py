@@ -133,13 +133,19 @@ def load_train_state(folder) -> dict:
 
 
 def read_data(s, log):
-    """-> (modalities, training rows, validation rows): --val, or a patient-level split of
-    --data."""
+    """-> (modalities, context slices, training rows, validation rows): --val, or a patient-level
+    split of --data. Context slices: the rows' data.context_slices, how their pictures were
+    made."""
     modalities, samples = data.read_summary(s.data, box_format=s.box_format)
+    context = data.context_slices(samples, s.data)
     if s.val:
         val_mods, val_samples = data.read_summary(s.val, box_format=s.box_format)
         if val_mods != modalities:
             raise DataError(f"{s.val}: modalities {val_mods} differ from {s.data}'s {modalities}")
+        val_context = data.context_slices(val_samples, s.val)
+        if val_context != context:
+            raise DataError(f"{s.val}: \"{data.CONTEXT_KEY}\" {val_context} differs from "
+                            f"{s.data}'s {context}")
         train_samples = samples
     else:
         train_samples, val_samples = data.split_by_patient(samples, s.val_fraction, s.seed)
@@ -153,7 +159,7 @@ def read_data(s, log):
         if n_empty:
             log(f"{name}: {n_empty} of {len(rows)} rows without a tumour (\"box\": []), "
                 f"answered \"no tumour\"")
-    return modalities, train_samples, val_samples
+    return modalities, context, train_samples, val_samples
 
 
 def make_tokenizer(s, resuming, master, ddp):
@@ -461,7 +467,7 @@ def main(argv=None):
         if ddp:
             dist.barrier()
         s.data = str(out / "demo" / "summary.jsonl")
-    modalities, train_samples, val_samples = read_data(s, log)
+    modalities, context, train_samples, val_samples = read_data(s, log)
     tokenizer = make_tokenizer(s, state is not None, rank == 0, ddp)
     log(f"data: {len(train_samples)} train / {len(val_samples)} val slices, "
         f"modalities {modalities}")
@@ -502,7 +508,8 @@ def main(argv=None):
     tr_feats = (cached_vit_features(model, tr_images, device, bf16, log) if s.cache_features
                 else None)
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN),
-                std=list(data.CLIP_STD), box_format=s.box_format, template=s.template)
+                std=list(data.CLIP_STD), box_format=s.box_format, template=s.template,
+                context_slices=context)
     baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, val_samples), val_samples)
     job = Job(s, device, ddp, rank, world, model, train_model, params, optimizer, tokenizer, meta,
               val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, baseline, ema)

@@ -386,6 +386,23 @@ def test_case_key_wins(tmp_path):
     assert [s.case for s in samples] == ["P1", "a"]
 
 
+def test_context_slices_one_whole_number_for_every_row(ds):
+    """"context_slices" (how prepare.py brats made the pictures): absent is 0; a value must be a
+    whole number in [0, MAX_CONTEXT] and the same on every row; else one line naming the line."""
+    make, good = ds
+    read = lambda *rows: data.context_slices(data.read_summary(make(*rows))[1], "s.jsonl")
+    assert read(good) == 0
+    one = dict(good, context_slices=1)
+    assert data.context_slices(data.read_summary(write_rows(make().parent / "c.jsonl",
+                                                            [one, one]))[1], "c.jsonl") == 1
+    for bad in (1.0, -1, "1", True, data.MAX_CONTEXT + 1):
+        with pytest.raises(data.DataError, match=r"^s.jsonl:2: \"context_slices\" "):
+            read(dict(good, context_slices=bad))
+    with pytest.raises(data.DataError, match=r"^s.jsonl:3: \"context_slices\" 1, but line 1 "
+                                             r"says 0: the images of one dataset"):
+        read(good, one)
+
+
 def test_split_by_patient_never_splits_a_case():
     samples = [data.Sample([f"P{c}_{k}_0.jpg"], [], (1, 1), 0, {}, f"P{c}")
                for c in range(10) for k in range(5)]

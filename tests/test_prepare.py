@@ -239,6 +239,36 @@ def test_convert_brats_negatives(tmp_path):
     assert names == [f"BraTS-TEST-0000{k}-000_0-000_0.jpg" for k in range(2)]
 
 
+def test_convert_brats_context_slices(tmp_path):
+    """--context-slices 1: each picture is an RGB PNG whose red, green and blue are the windowed
+    slices k - 1, k and k + 1 exactly (the end slice repeated past the volume: slice 0's red is
+    slice 0), and each row says "context_slices": 1."""
+    src = tmp_path / "src"
+    make_case(src, "BraTS-TEST-00000-000")
+    prepare.convert_brats(src, tmp_path / "out", min_tumor_px=10, negatives=1.0, val_fraction=0,
+                          context=1, log=print)
+    _, samples = data.read_summary(tmp_path / "out" / "summary.jsonl")
+    assert data.context_slices(samples, "summary.jsonl") == 1
+    case = src / "BraTS-TEST-00000-000"
+    volumes, _, _ = prepare.read_study([case / f"{case.name}-{m}.nii.gz" for m in ("t2f", "t1c")])
+    ks = []
+    for s in samples:
+        k = int(Path(s.paths[0]).stem.split("-")[-1].split("_")[0])
+        ks.append(k)
+        for path, vol in zip(s.paths, volumes):
+            assert path.endswith(".png") and data.image_mode(path) == "RGB"
+            got = np.asarray(Image.open(path))  # (H, W, 3)
+            for c, d in enumerate((-1, 0, 1)):
+                want = prepare.view_slice(vol, "axial", min(max(k + d, 0), 5))
+                assert np.array_equal(got[..., c], want), (path, c)
+    assert 0 in ks and 5 in ks  # both ends: the tumour-free slices 0 and 5
+    # without the flag: grey JPEGs and no key, as before
+    prepare.convert_brats(src, tmp_path / "plain", min_tumor_px=10, val_fraction=0, log=print)
+    _, plain = data.read_summary(tmp_path / "plain" / "summary.jsonl")
+    assert data.context_slices(plain, "x") == 0 and data.CONTEXT_KEY not in plain[0].row
+    assert data.image_mode(plain[0].paths[0]) == "L"
+
+
 def test_convert_brats_real(shared_data, tmp_path):
     """One real case from each folder, plus the case without labels (linked, not copied)."""
     src = tmp_path / "src"

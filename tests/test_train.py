@@ -723,6 +723,67 @@ def test_save_nifti_needs_a_study_and_a_nifti_name():
         assert e.value.code.startswith("error: ") and message in e.value.code
 
 
+def test_context_slices_travel_from_the_converter_to_the_whole_study_answer(tmp_path,
+                                                                           monkeypatch):
+    """prepare.py brats --context-slices 1 -> train.py records it in the checkpoint -> sample.py
+    --volume reads each slice as the converter's RGB picture of slices k - 1, k, k + 1 (the same
+    tensors as the converted rows'); pictures made another way are refused with one line."""
+    import sample
+    from model import load_checkpoint
+    src = tmp_path / "src"
+    case = src / "BraTS-VOL-00000-000"
+    make_study(case)
+    run("prepare.py", "brats", src, tmp_path / "data", "--min-tumor-px", 10, "--negatives", 1,
+        "--val-fraction", 0, "--context-slices", 1)
+    summary = tmp_path / "data" / "summary.jsonl"
+    run("train.py", "--data", summary, "--val", summary, "--out", tmp_path / "run",
+        "--max-steps", 1, "--eval-every", 1, *TINY)
+    folder, model, meta = load_checkpoint(tmp_path / "run")
+    assert meta["context_slices"] == 1
+    seen = {}
+
+    def predict(model, items, load, device, batch_size=32, pad=False):
+        seen.update({k: load(k) for k in items})
+        return torch.zeros(len(items), 4), torch.zeros(len(items))
+    monkeypatch.setattr(sample, "predict", predict)
+    sample.answer_study(sample.Run(folder, model, meta), [str(case)], None, "cpu")
+    _, rows = data.read_summary(summary)
+    for s in rows:
+        k = int(Path(s.paths[0]).stem.split("-")[-1].split("_")[0])
+        assert torch.equal(seen[k], data.load_images(s, 32, meta["mean"], meta["std"])), k
+        assert not torch.equal(seen[k][:, 0], seen[k][:, 1])  # the neighbours, not grey
+
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (40, 40)).save(grey)
+    r = run("sample.py", "--ckpt", tmp_path / "run", "--images", grey, grey, ok=False)
+    assert r.stderr.strip() == (f"error: {grey}: a grey image, but the checkpoint "
+                                f"{tmp_path / 'run' / 'ckpt'} reads RGB pictures of slices k - 1, "
+                                f"k, k + 1 (prepare.py brats --context-slices 1); answer the whole "
+                                f"study with --volume")
+    plain = tmp_path / "data" / "plain.jsonl"  # the same rows without the key
+    plain.write_text("".join(json.dumps({k: v for k, v in json.loads(l).items()
+                                         if k != "context_slices"}) + "\n"
+                             for l in summary.read_text().splitlines()))
+    r = run("sample.py", "--ckpt", tmp_path / "run", "--data", plain, ok=False)
+    assert r.stderr.strip().startswith(f"error: {plain}: rows with \"context_slices\" 0, but the "
+                                       f"checkpoint")
+
+
+def test_training_and_validation_pictures_must_be_made_one_way(tmp_path):
+    """--val rows whose "context_slices" differ from --data's: one line naming both files."""
+    import train
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    row = {"t2f Axial_path": "a.png", "box": [[2, 2, 9, 9]], "case": "P1"}
+    tr, va = tmp_path / "tr.jsonl", tmp_path / "va.jsonl"
+    tr.write_text(json.dumps(dict(row, context_slices=1)) + "\n")
+    va.write_text(json.dumps(row) + "\n")
+    s = SimpleNamespace(data=str(tr), val=str(va), box_format="corners", val_fraction=0.2, seed=0)
+    with pytest.raises(data.DataError, match=f"^{va}: \"context_slices\" 0 differs from {tr}'s 1$"):
+        train.read_data(s, print)
+    s.val = str(tr)
+    assert train.read_data(s, print)[:2] == (["t2f Axial"], 1)
+
+
 def test_gaps_are_bridged_in_millimetres(tmp_path, monkeypatch):
     """Up to sample.MAX_GAP_MM = 4 mm of "no tumour" slices is bridged: 4 slices of 1 mm, 2 of
     2 mm, none of 5 mm, from the spacing of the view's slices in the affine; through a study: a
