@@ -269,6 +269,14 @@ def test_convert_brats_context_slices(tmp_path):
     assert data.image_mode(plain[0].paths[0]) == "L"
 
 
+@pytest.mark.parametrize("value", ["-1", "17"])
+def test_context_slices_out_of_range_is_one_line(tmp_path, value):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["brats", str(tmp_path), str(tmp_path / "out"), "--context-slices", value])
+    assert e.value.code == f"error: --context-slices {value}: expected 0 to 16 (see --help)"
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_convert_brats_real(shared_data, tmp_path):
     """One real case from each folder, plus the case without labels (linked, not copied)."""
     src = tmp_path / "src"
