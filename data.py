@@ -113,29 +113,19 @@ MAX_CONTEXT = 16
 
 def context_slices(samples, path) -> int:
     """-> the rows' "context_slices" (0 where absent): one whole number in [0, MAX_CONTEXT], the
-    same on every row (the pictures of one model are made one way); else DataError naming the
-    line."""
-    values = {}
+    same on every row as on the first (the pictures of one model are made one way); else
+    DataError naming the line."""
+    first = None  # (value, line) of the first row
     for s in samples:
         v = s.row.get(CONTEXT_KEY, 0)
         if type(v) is not int or not 0 <= v <= MAX_CONTEXT:
             raise DataError(f"{path}:{s.line}: \"{CONTEXT_KEY}\" {v!r}: expected a whole number "
                             f"from 0 to {MAX_CONTEXT}")
-        values.setdefault(v, s.line)
-    if len(values) > 1:
-        (a, la), (b, lb) = sorted(values.items(), key=lambda kv: kv[1])[:2]
-        raise DataError(f"{path}:{lb}: \"{CONTEXT_KEY}\" {b}, but line {la} says {a}: the images "
-                        f"of one dataset must be made one way")
-    return next(iter(values), 0)
-
-
-def image_mode(path) -> str:
-    """An image file's PIL mode ("L" grey, "RGB", ...), from its header; DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.mode
-    except Exception as e:
-        raise DataError(f"{path}: cannot be read as an image ({e})") from None
+        first = first or (v, s.line)
+        if v != first[0]:
+            raise DataError(f"{path}:{s.line}: \"{CONTEXT_KEY}\" {v}, but line {first[1]} says "
+                            f"{first[0]}: the images of one dataset must be made one way")
+    return first[0] if first else 0
 
 
 def sample_from_images(paths):

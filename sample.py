@@ -100,8 +100,10 @@ def images_samples(run, images):
                         f"{', '.join(modalities)}")
     sample = data.sample_from_images(images)  # each file read, or an error naming it
     context = run.meta.get("context_slices", 0)
-    for path in sample.paths:  # such a model reads only pictures of three slices (data.CONTEXT_KEY)
-        if context and data.image_mode(path) != "RGB":
+    for path in sample.paths if context else ():  # such a model reads only three-slice pictures
+        with Image.open(path) as im:  # sample_from_images has read it: it opens
+            mode = im.mode
+        if mode != "RGB":
             raise DataError(f"{path}: a grey image, but the checkpoint {run.folder} reads RGB "
                             f"pictures of slices k - {context}, k, k + {context} (prepare.py brats "
                             f"--context-slices {context}); answer the whole study with --volume")

@@ -256,7 +256,7 @@ def test_convert_brats_context_slices(tmp_path):
         k = int(Path(s.paths[0]).stem.split("-")[-1].split("_")[0])
         ks.append(k)
         for path, vol in zip(s.paths, volumes):
-            assert path.endswith(".png") and data.image_mode(path) == "RGB"
+            assert path.endswith(".png") and Image.open(path).mode == "RGB"
             got = np.asarray(Image.open(path))  # (H, W, 3)
             for c, d in enumerate((-1, 0, 1)):
                 want = prepare.view_slice(vol, "axial", min(max(k + d, 0), 5))
@@ -266,7 +266,7 @@ def test_convert_brats_context_slices(tmp_path):
     prepare.convert_brats(src, tmp_path / "plain", min_tumor_px=10, val_fraction=0, log=print)
     _, plain = data.read_summary(tmp_path / "plain" / "summary.jsonl")
     assert data.context_slices(plain, "x") == 0 and data.CONTEXT_KEY not in plain[0].row
-    assert data.image_mode(plain[0].paths[0]) == "L"
+    assert Image.open(plain[0].paths[0]).mode == "L"
 
 
 @pytest.mark.parametrize("value", ["-1", "17"])
