@@ -160,6 +160,10 @@ MAX_GAP_MM = 4.0
 # the tumour's run grows at each end over neighbouring slices with p_tumour at least this
 # (extend_run; chosen on four held-out whole-study runs, docs/results.md "The tumour's ends")
 END_AT = 0.3
+# the 3-D box's width in the slice plane comes from the run's slices answered with p_tumour at least
+# this; the others (the run's less sure slices, its grown ends) add depth only (study_box; chosen on
+# held-out whole-study runs, docs/results.md "The box's width from the sure slices")
+BOX_AT = 0.9
 
 
 def study_files(volume, modalities, brainmask=None):
@@ -243,13 +247,19 @@ def extend_run(kept, p, low):
     return sorted(kept + added), added
 
 
-def study_box(answers, kept, view, shape):
+def study_box(answers, kept, view, shape, wide=None):
     """The 3-D box of the kept slices: answers {slice k: pixel box on slice k}, kept slice indices,
-    the RAS volume's shape -> RAS voxel edges [x0, y0, z0, x1, y1, z1]: the union of their boxes in
-    the slice plane, the first to the last kept slice across it."""
-    boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in kept],
+    the RAS volume's shape, wide: the kept slices whose boxes set the width (None: all) -> RAS
+    voxel edges [x0, y0, z0, x1, y1, z1]: the union of the wide slices' boxes in the slice plane,
+    the first to the last kept slice across it. answer_study passes the slices answered with p at
+    least BOX_AT as wide: a box answered on a slice the model is unsure of, a tumour's small end
+    section mostly, is the least sure box, and one misplaced there widened the whole 3-D box."""
+    axis = prepare.VIEW_AXIS[view]
+    boxes = np.array([prepare.volume_box(answers[k], view, k, shape) for k in (wide or kept)],
                      dtype=np.float64)
-    return [int(round(v)) for v in np.concatenate([boxes[:, :3].min(0), boxes[:, 3:].max(0)])]
+    box = np.concatenate([boxes[:, :3].min(0), boxes[:, 3:].max(0)])
+    box[axis], box[axis + 3] = min(kept), max(kept) + 1  # the depth: every kept slice
+    return [int(round(v)) for v in box]
 
 
 @dataclass
@@ -306,13 +316,16 @@ def answer_study(run, volume, brainmask, device, pad=False):
                    slices=images[0].shape[prepare.VIEW_AXIS[view]], brain_slices=len(ks),
                    tumour_slices=len(kept))
     if kept:
-        study.box = study_box(answers, kept, view, images[0].shape)
+        sure = [k for k in kept if p[k] >= BOX_AT]
+        study.box = study_box(answers, kept, view, images[0].shape, sure or kept)
         vox = grid.to_file(study.box)
         summary.update(box_voxels=vox, box_mm=grid.to_mm(vox),
                        slice_range=[vox[file_axis], vox[file_axis + 3] - 1],
                        bridged_slices=sorted(study.file_slice(k) for k in bridged),
                        grown_slices=sorted(study.file_slice(k) for k in added),
-                       dropped_slices=sorted(study.file_slice(k) for k in dropped))
+                       dropped_slices=sorted(study.file_slice(k) for k in dropped),
+                       depth_only_slices=sorted(study.file_slice(k) for k in kept
+                                                if sure and k not in sure))
     else:
         summary.update(box_voxels=None, box_mm=None, answer="no tumour")
     summary["seconds"] = round(time.time() - t0, 2)
@@ -322,17 +335,21 @@ def answer_study(run, volume, brainmask, device, pad=False):
 
 def box_labels(study):
     """The study's answer as a label volume (RAS, uint8, the study's shape) for a viewer to lay
-    over it: 1 in the 3-D box, 2 in each kept tumour slice's own box (drawn over the 1, which
-    shows where the union widened the box and which slices were bridged); all 0 for "no tumour".
-    Its voxels > 0 span exactly the 3-D box: the slice boxes lie inside their union."""
+    over it: 1 in the 3-D box, 2 in each kept tumour slice's own box inside it (drawn over the 1,
+    which shows where the union widened the box and which slices were bridged); all 0 for "no
+    tumour". Its voxels > 0 span exactly the 3-D box: a depth-only slice's box (study_box) may
+    reach past the box, and is cut at its edges."""
     shape = study.images[0].shape
     labels = np.zeros(shape, np.uint8)
     if study.box:
-        x0, y0, z0, x1, y1, z1 = study.box
+        outer = study.box
+        x0, y0, z0, x1, y1, z1 = outer
         labels[x0:x1, y0:y1, z0:z1] = 1
         for k in study.kept:
-            box = prepare.volume_box(study.answers[k], study.view, k, shape)
-            x0, y0, z0, x1, y1, z1 = [int(round(v)) for v in box]
+            box = [int(round(v)) for v in prepare.volume_box(study.answers[k], study.view, k,
+                                                             shape)]
+            x0, y0, z0 = [max(a, b) for a, b in zip(box[:3], outer[:3])]
+            x1, y1, z1 = [min(a, b) for a, b in zip(box[3:], outer[3:])]
             labels[x0:x1, y0:y1, z0:z1] = 2
     return labels
 

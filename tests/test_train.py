@@ -189,6 +189,9 @@ def test_study_box_is_the_union_of_the_kept_slices():
                20: [0, 0, 99, 79]}
     box = sample.study_box(answers, [10, 11, 13], "axial", shape)
     assert box == [100 - 41, 80 - 52, 10, 100 - 18, 80 - 29, 14]
+    # the width from slices 10 and 13 only, the depth from all three
+    box = sample.study_box(answers, [10, 11, 13], "axial", shape, wide=[10, 13])
+    assert box == [100 - 40, 80 - 52, 10, 100 - 20, 51, 14]  # 80 - 28.6 rounded
 
 
 def test_wrong_image_count_is_a_clear_error(trained, demo):
@@ -651,9 +654,10 @@ class _StubModel:
         return self
 
 
-def stub_model(monkeypatch, answer):
+def stub_model(monkeypatch, answer, prob=None):
     """Replace sample.py's checkpoint and model with a two-modality axial "model" that answers RAS
-    slice k with answer(k): a normalised box [x0, y0, x1, y1], or None for "no tumour"."""
+    slice k with answer(k): a normalised box [x0, y0, x1, y1], or None for "no tumour"; p_tumour
+    prob(k) (None: 1 with a box, else 0)."""
     import sample
     meta = dict(modalities=["t2f Axial", "t1c Axial"], image_size=32, mean=[0.5] * 3,
                 std=[0.5] * 3, box_format="corners")
@@ -664,7 +668,8 @@ def stub_model(monkeypatch, answer):
         assert load(items[0]).shape == (2, 3, 32, 32)  # the slices read as a model reads them
         boxes = [answer(k) for k in items]
         return (torch.tensor([b or [0.0, 0.0, 1.0, 1.0] for b in boxes]),
-                torch.tensor([1.0 if b else 0.0 for b in boxes]))
+                torch.tensor([prob(k) if prob else 1.0 if b else 0.0
+                              for k, b in zip(items, boxes)]))
     monkeypatch.setattr(sample, "predict", predict)
     return run
 
@@ -708,6 +713,43 @@ def test_save_nifti_writes_the_boxes_on_the_studys_grid(tmp_path, monkeypatch):
     assert (stored[x0:x1, y0:y1, 9] == 2).all() and (stored[x0:x1, y0:y1, 7] == 1).sum() == 2 * 9
     study_grid = prepare.read_volume(case / f"{case.name}-t2f.nii.gz")[1]
     assert np.array_equal(prepare.read_volume(labels)[1].affine, study_grid.affine)
+
+
+def test_unsure_slices_add_depth_not_width(tmp_path, monkeypatch):
+    """The 3-D box's width comes from the slices answered with p >= BOX_AT; a kept slice answered
+    less surely (here the run's end, slice 10, p 0.6, its box misplaced far to one side) adds its
+    depth only: the box is the truth, the summary names the slice, and the label volume's slice box
+    is cut at the 3-D box, so that its voxels > 0 still span box_voxels."""
+    import sample
+    case = tmp_path / "BraTS-VOL-00000-000"
+    truth = make_study(case)  # tumour on slices 5..10
+    seg = prepare.read_nifti(case / f"{case.name}-seg.nii.gz") > 0
+    X, Y, _ = seg.shape
+
+    def answer(k):
+        img = prepare.view_slice(seg, "axial", k)
+        if not img.any():
+            return None
+        if k == 10:
+            return [0.0, 0.0, 0.3, 0.3]
+        ys, xs = np.nonzero(img)
+        return [xs.min() / X, ys.min() / Y, (xs.max() + 1) / X, (ys.max() + 1) / Y]
+    stub_model(monkeypatch, answer, lambda k: 0.6 if k == 10 else 1.0 if answer(k) else 0.0)
+    labels, lines = tmp_path / "boxes.nii.gz", tmp_path / "lines.jsonl"
+    sample.main(["--ckpt", str(tmp_path), "--volume", str(case), "--save-nifti", str(labels),
+                 "--out", str(lines), "--device", "cpu"])
+    *answered, summary = [json.loads(l) for l in lines.read_text().splitlines()]
+    assert 0.6 < sample.BOX_AT and [l["slice"] for l in answered] == list(range(5, 11))
+    assert summary["box_voxels"] == truth and summary["depth_only_slices"] == [10]
+    stored = np.frombuffer(gzip.decompress(labels.read_bytes()), np.uint8, 48 * 40 * 16,
+                           352).reshape((48, 40, 16), order="F")  # the file's voxels
+    nz = np.nonzero(stored)
+    assert [int(a.min()) for a in nz] + [int(a.max()) + 1 for a in nz] == truth
+    # before, the union of every kept slice's box: slice 10's box widened it to the image's corner
+    study = sample.answer_study(sample.Run(*sample.load_checkpoint(tmp_path)), [str(case)],
+                                None, "cpu")
+    wide = sample.study_box(study.answers, study.kept, "axial", seg.shape)
+    assert wide != study.box and wide[3] == X and wide[4] == Y
 
 
 def test_save_nifti_needs_a_study_and_a_nifti_name():
