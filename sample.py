@@ -99,7 +99,7 @@ def images_samples(run, images):
                         f"{len(modalities)}, one per modality in this order: "
                         f"{', '.join(modalities)}")
     sample = data.sample_from_images(images)  # each file read, or an error naming it
-    context = run.meta.get("context_slices", 0)
+    context = run.meta.get(data.CONTEXT_KEY, 0)
     for path in sample.paths if context else ():  # such a model reads only three-slice pictures
         with Image.open(path) as im:  # sample_from_images has read it: it opens
             mode = im.mode
@@ -116,7 +116,7 @@ def rows_samples(run, path, box_format):
     file_mods, samples = data.read_summary(path, box_format=box_format, require_boxes=False)
     if sorted(file_mods) != sorted(modalities):
         raise DataError(f"{path}: modalities {file_mods} differ from the checkpoint's {modalities}")
-    context, trained = data.context_slices(samples, path), run.meta.get("context_slices", 0)
+    context, trained = data.context_slices(samples, path), run.meta.get(data.CONTEXT_KEY, 0)
     if context != trained:
         raise DataError(f"{path}: rows with \"{data.CONTEXT_KEY}\" {context}, but the checkpoint "
                         f"{run.folder} was trained on {trained} (its pictures are made another "
@@ -291,7 +291,7 @@ def answer_study(run, volume, brainmask, device, pad=False):
     view = trained_view(meta["modalities"])
     ks = [int(k) for k in np.nonzero(prepare.brain_slices(brain, view))[0]]
     H, W = prepare.view_slice(images[0], view, 0).shape
-    context = meta.get("context_slices", 0)  # pictures of slices k - c, k, k + c (0: slice k)
+    context = meta.get(data.CONTEXT_KEY, 0)  # pictures of slices k - c, k, k + c (0: slice k)
 
     def read(k):  # the converter's picture of each modality's slice k, read as training read it
         return torch.stack([data.load_image(io.BytesIO(prepare.slice_image(v, view, k, context)),
@@ -317,7 +317,7 @@ def answer_study(run, volume, brainmask, device, pad=False):
                    tumour_slices=len(kept))
     if kept:
         sure = [k for k in kept if p[k] >= BOX_AT]
-        study.box = study_box(answers, kept, view, images[0].shape, sure or kept)
+        study.box = study_box(answers, kept, view, images[0].shape, sure)  # none sure: all
         vox = grid.to_file(study.box)
         summary.update(box_voxels=vox, box_mm=grid.to_mm(vox),
                        slice_range=[vox[file_axis], vox[file_axis + 3] - 1],

@@ -509,7 +509,7 @@ def main(argv=None):
                 else None)
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN),
                 std=list(data.CLIP_STD), box_format=s.box_format, template=s.template,
-                context_slices=context)
+                **{data.CONTEXT_KEY: context})
     baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, val_samples), val_samples)
     job = Job(s, device, ddp, rank, world, model, train_model, params, optimizer, tokenizer, meta,
               val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, baseline, ema)
