@@ -45,6 +45,7 @@ def knob(default, help, range=None, choices=None):
 
 
 TEMPLATES = ("plain", "vicuna", "llama2")  # data.TEMPLATES' names (a test checks they agree)
+CROPS = ("none", "head")  # data.CROPS (a test checks they agree)
 BIG = 1 << 30  # "no upper limit" for counts
 
 
@@ -65,6 +66,11 @@ class Shape:
                        "blog's variant)",
                        choices=("per-image", "early"))
     image_size: int | None = knob(None, "pixels the images are resized to", range=(8, 4096))
+    crop: str = knob("none", "the part of each image the model reads: none, the whole image; "
+                     "head, one square window around the head (or brain) per study, the same for "
+                     "its modalities, found where the pixels stand out of the background "
+                     "(data.head_window); answers are mapped back to the whole image",
+                     choices=CROPS)
     patch_size: int | None = knob(None, "ViT patch size", range=(1, 256))
     vit_width: int | None = knob(None, "ViT width", range=(8, 16384))
     vit_depth: int | None = knob(None, "ViT blocks", range=(1, 256))
@@ -191,13 +197,13 @@ VIT_FIELDS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 # recipe fills an H200-class GPU; minigpt4 is the GPU recipe around pretrained BLIP-2 and Vicuna;
 # tiny is the CPU recipe's sizes in the plain layout transformers also has (bench.py's peer).
 PRESETS = {
-    "cpu": dict(image_size=64, patch_size=16, vit_width=128, vit_depth=4, vit_heads=4,
+    "cpu": dict(image_size=64, crop="head", patch_size=16, vit_width=128, vit_depth=4, vit_heads=4,
                 vit_stem="conv", num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
                 pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                 num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,
                 batch_size=32, lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0,
                 eval_every=200),
-    "gpu": dict(image_size=128, patch_size=16, vit_width=384, vit_depth=8, vit_heads=6,
+    "gpu": dict(image_size=128, crop="head", patch_size=16, vit_width=384, vit_depth=8, vit_heads=6,
                 vit_stem="conv", num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6,
                 pooled_queries=True, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
                 num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,

@@ -203,16 +203,28 @@ def _round_px(v):
 # -----------------------------------------------------------------------------
 # images
 
-def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
-    """One image -> (3, size, size) float32, squash-resized (boxes scale with it), normalised.
-    A grayscale slice becomes three equal channels, as pretrained ViTs expect RGB."""
+def open_image(path):
+    """An image file -> a decoded pillow image, 16- and 32-bit grey scaled to mode F
+    (to_8bit_range); DataError naming the file when it cannot be read."""
     try:
         with Image.open(path) as im:
-            im = to_8bit_range(im, path).resize((size, size), Image.BICUBIC)
+            im = to_8bit_range(im, path)
+            im.load()
+            return im
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot be read as an image ({e})") from None
+
+
+def image_tensor(im, size, window=None, mean=CLIP_MEAN, std=CLIP_STD):
+    """A pillow image -> (3, size, size) float32: its window [x0, y0, w, h] (None: the whole
+    image) squash-resized (boxes scale with it), normalised. A grayscale slice becomes three equal
+    channels, as pretrained ViTs expect RGB."""
+    if window is not None and tuple(window) != (0, 0, *im.size):
+        x0, y0, w, h = window
+        im = im.crop((x0, y0, x0 + w, y0 + h))
+    im = im.resize((size, size), Image.BICUBIC)
     if im.mode == "F":  # high bit depth, already in [0, 1]: grey -> three equal channels
         grey = np.clip(np.asarray(im, dtype=np.float32), 0, 1)  # (S, S)
         x = torch.from_numpy(grey)[None].expand(3, -1, -1)
@@ -221,6 +233,51 @@ def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
         x = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, S, S)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
+
+def load_image(path, size, mean=CLIP_MEAN, std=CLIP_STD):
+    """One image file, whole -> (3, size, size) float32 (image_tensor)."""
+    return image_tensor(open_image(path), size, None, mean, std)
+
+
+# --crop head: each study is read through one square window around the head (or, in skull-stripped
+# data, the brain), the same for all its modalities. A BraTS brain spans about half of the slice's
+# side, so at 64 px the window doubles the pixels on the tumour, at no cost to the step (the window
+# is cut once, when the images are read). The image is averaged over blocks of 1/32 of its side (a
+# scanner's background noise averages out, where single noisy pixels would widen the window to the
+# whole image); a block is the head's when above CROP_AT of the blocks' 99th percentile (the
+# background of a scan, or of a converter's windowed picture, is far below). The window is the
+# square around those blocks, centred, with CROP_MARGIN of its side added on each side, then cut at
+# the image's edges (a head that fills the image is read whole, and every answer lies in it).
+CROP_AT = 0.1
+CROP_MARGIN = 0.05
+CROPS = ("none", "head")  # config's --crop choices (a test checks they agree)
+
+
+def head_window(images):
+    """A study's pillow images (one size) -> the window [x0, y0, w, h] in pixels: the square around
+    what stands out of their background, cut at the image's edges; the whole image [0, 0, W, H]
+    when nothing does."""
+    W, H = images[0].size
+    k = max(1, min(W, H) // 32)  # block side in pixels
+    h, w = H // k, W // k  # whole blocks; a sliver of under k pixels at the far edges is left out
+    rows, cols = np.zeros(h, bool), np.zeros(w, bool)
+    for im in images:
+        a = np.asarray(im if im.mode == "F" else im.convert("L"), dtype=np.float32)  # (H, W)
+        a = a[:h * k, :w * k].reshape(h, k, w, k).mean((1, 3))  # (h, w) block means
+        top = float(np.percentile(a, 99))
+        if top > 0:
+            head = a > CROP_AT * top
+            rows |= head.any(1)
+            cols |= head.any(0)
+    if not rows.any():
+        return [0, 0, W, H]
+    (y0, y1), (x0, x1) = np.nonzero(rows)[0][[0, -1]], np.nonzero(cols)[0][[0, -1]]
+    x0, y0, x1, y1 = x0 * k, y0 * k, x1 * k + k - 1, y1 * k + k - 1  # blocks -> pixels
+    side = int(round(max(x1 + 1 - x0, y1 + 1 - y0) * (1 + 2 * CROP_MARGIN))) + 2
+    side = max(side, MIN_IMAGE_SIDE)
+    left, top = int(round((x0 + x1 + 1 - side) / 2)), int(round((y0 + y1 + 1 - side) / 2))
+    left, top, right, bottom = max(left, 0), max(top, 0), min(left + side, W), min(top + side, H)
+    return [left, top, right - left, bottom - top]
 
 
 def to_8bit_range(im, path):
@@ -241,8 +298,18 @@ def to_8bit_range(im, path):
     return Image.fromarray(scaled.astype(np.float32), mode="F")
 
 
-def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD):
-    return torch.stack([load_image(p, size, mean, std) for p in sample.paths])  # (N, 3, S, S)
+def load_images(sample, size, mean=CLIP_MEAN, std=CLIP_STD, crop="none"):
+    """A sample's images -> (images (N, 3, S, S), window [x0, y0, w, h]): the part of its images
+    they show, in pixels (crop "head": head_window; "none": the whole image). A box the model
+    answers is normalised to that window (to_pixels)."""
+    ims = [open_image(p) for p in sample.paths]
+    return read_window(ims, size, mean, std, crop)
+
+
+def read_window(ims, size, mean=CLIP_MEAN, std=CLIP_STD, crop="none"):
+    """One study's pillow images -> (images (N, 3, S, S), window): load_images after the reading."""
+    window = head_window(ims) if crop == "head" else [0, 0, *ims[0].size]
+    return torch.stack([image_tensor(im, size, window, mean, std) for im in ims]), window
 
 
 # -----------------------------------------------------------------------------
@@ -257,11 +324,21 @@ def box_to_bins(box_xyxy, W, H, bins):
     return [q(x0, W), q(y0, H), q(x1, W), q(y1, H)]
 
 
-def to_pixels(box, size):
-    """Normalised [x0, y0, x1, y1] (a list or a tensor) -> pixel box of an image of size (W, H)."""
-    W, H = size
+def to_pixels(box, window):
+    """Normalised [x0, y0, x1, y1] (a list or a tensor) -> pixel box of the image whose window
+    [x0, y0, w, h] the model read (the whole image: [0, 0, W, H])."""
+    ox, oy, W, H = window
     x0, y0, x1, y1 = (float(v) for v in box)
-    return [x0 * W, y0 * H, x1 * W, y1 * H]
+    return [ox + x0 * W, oy + y0 * H, ox + x1 * W, oy + y1 * H]
+
+
+def to_window(box, window):
+    """to_pixels' inverse: pixel [x0, y0, x1, y1] -> normalised to the window, clamped to [0, 1]
+    (a box reaching past a head window keeps its part inside it)."""
+    ox, oy, W, H = window
+    x0, y0, x1, y1 = box
+    return [min(max(v, 0.0), 1.0) for v in ((x0 - ox) / W, (y0 - oy) / H, (x1 - ox) / W,
+                                            (y1 - oy) / H)]
 
 
 def bins_to_box(b, W, H, bins):
@@ -478,23 +555,27 @@ def parse_answer(tokenizer, ids):
 # -----------------------------------------------------------------------------
 # batches
 
-def load_tensors(samples, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD):
+def load_tensors(samples, image_size, max_boxes, mean=CLIP_MEAN, std=CLIP_STD, crop="none"):
     """Read every image once -> images (M, N, 3, S, S) float16 (half the memory; exact enough for
-    pixels normalised to a few units), boxes (M, K, 4) normalised [x0, y0, x1, y1] with
-    K = max_boxes, largest first (a row with more boxes keeps the largest), and nbox (M,) the real
-    boxes per row. A batch is then an index into these tensors, and its answer tokens are made by
-    answer_tokens after augmentation."""
-    images = torch.stack([load_images(s, image_size, mean, std).half() for s in samples])
+    pixels normalised to a few units), boxes (M, K, 4) [x0, y0, x1, y1] normalised to each row's
+    window with K = max_boxes, largest first (a row with more boxes keeps the largest), nbox (M,)
+    the real boxes per row, and the windows (load_images), one [x0, y0, w, h] per row. A batch is
+    then an index into these tensors, and its answer tokens are made by answer_tokens after
+    augmentation."""
+    images, windows = [], []
+    for s in samples:
+        x, window = load_images(s, image_size, mean, std, crop)
+        images.append(x.half())
+        windows.append(window)
     boxes = torch.zeros(len(samples), max_boxes, 4)
     nbox = torch.zeros(len(samples), dtype=torch.long)
     for i, s in enumerate(samples):
         area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
         kept = sorted(s.boxes, key=area, reverse=True)[:max_boxes]
-        W, H = s.size
-        for j, (x0, y0, x1, y1) in enumerate(kept):
-            boxes[i, j] = torch.tensor([x0 / W, y0 / H, x1 / W, y1 / H])
+        for j, box in enumerate(kept):
+            boxes[i, j] = torch.tensor(to_window(box, windows[i]))
         nbox[i] = len(kept)
-    return images, boxes, nbox
+    return torch.stack(images), boxes, nbox, windows
 
 
 def answer_tokens(boxes, nbox, num_bins, loc_start, box_end_id, eos_id, pad_id):

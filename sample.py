@@ -77,10 +77,17 @@ def answer_samples(run, samples, device, pad, box_format, with_paths):
     tumour"). A row: the input's image keys (with_paths), the box in box_format or [] for "no
     tumour", p_tumour and the size (W, H) the box refers to."""
     meta = run.meta
-    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
+    windows = []  # each sample's window [x0, y0, w, h], as read (data.load_images)
+
+    def read(s):
+        x, window = data.load_images(s, meta["image_size"], meta["mean"], meta["std"],
+                                     meta.get("crop", "none"))  # runs from before --crop: none
+        windows.append(window)
+        return x
+
     boxes, probs = predict(run.model, samples, read, device, pad=pad)
-    preds = [data.to_pixels(b, s.size) if p >= PRESENT_AT else None
-             for b, p, s in zip(boxes, probs, samples)]
+    preds = [data.to_pixels(b, w) if p >= PRESENT_AT else None
+             for b, p, w in zip(boxes, probs, windows)]
     rows = []
     for s, pred, p in zip(samples, preds, probs):
         row = {k: v for k, v in s.row.items() if k.endswith("_path")} if with_paths else {}
@@ -290,21 +297,23 @@ def answer_study(run, volume, brainmask, device, pad=False):
     images, brain, grid = prepare.read_study(paths, brainmask)
     view = trained_view(meta["modalities"])
     ks = [int(k) for k in np.nonzero(prepare.brain_slices(brain, view))[0]]
-    H, W = prepare.view_slice(images[0], view, 0).shape
     context = meta.get(data.CONTEXT_KEY, 0)  # pictures of slices k - c, k, k + c (0: slice k)
+    windows = {}  # slice k -> the window [x0, y0, w, h] its pictures were read through
 
     def read(k):  # the converter's picture of each modality's slice k, read as training read it
-        return torch.stack([data.load_image(io.BytesIO(prepare.slice_image(v, view, k, context)),
-                                            meta["image_size"], meta["mean"], meta["std"])
-                            for v in images])
+        ims = [data.open_image(io.BytesIO(prepare.slice_image(v, view, k, context)))
+               for v in images]
+        x, windows[k] = data.read_window(ims, meta["image_size"], meta["mean"], meta["std"],
+                                         meta.get("crop", "none"))
+        return x
 
     boxes, probs = predict(run.model, ks, read, device, pad=pad)
     p = dict(zip(ks, probs.tolist()))
-    box = dict(zip(ks, boxes))
-    answers = {k: data.to_pixels(box[k], (W, H)) for k in ks if p[k] >= PRESENT_AT}
+    box = {k: data.to_pixels(b, windows[k]) for k, b in zip(ks, boxes)}
+    answers = {k: box[k] for k in ks if p[k] >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
     kept, added = extend_run(kept, p, END_AT)
-    answers.update({k: data.to_pixels(box[k], (W, H)) for k in added})
+    answers.update({k: box[k] for k in added})
     study = Study([], {}, images, view, answers, kept, None, grid)
     file_axis = grid.axes[prepare.VIEW_AXIS[view]]
     for k in sorted(answers, key=study.file_slice):  # in the file's slice order

@@ -256,25 +256,26 @@ def train_step(train_model, optimizer, params, batch, s, ddp):
 
 
 @torch.no_grad()
-def predict(model, images, samples, device, bf16, batch_size=64):
-    """-> one answer per sample: pixel [x0, y0, x1, y1] of that sample's own image size, or None for
-    "no tumour" (the model's tumour probability below PRESENT_AT)."""
+def predict(model, images, windows, device, bf16, batch_size=64):
+    """-> one answer per sample: pixel [x0, y0, x1, y1] in that sample's own image (its window:
+    data.load_images), or None for "no tumour" (the model's tumour probability below
+    PRESENT_AT)."""
     model.eval()
     with autocast(device, bf16):
         answers = [model.answer_boxes(images[i: i + batch_size].to(device).float())
-                   for i in range(0, len(samples), batch_size)]
+                   for i in range(0, len(windows), batch_size)]
     model.train()
     boxes = torch.cat([b.float().cpu() for b, _ in answers])
     p = torch.cat([p.float().cpu() for _, p in answers])
-    return [data.to_pixels(b, s.size) if q >= PRESENT_AT else None
-            for b, q, s in zip(boxes, p, samples)]
+    return [data.to_pixels(b, w) if q >= PRESENT_AT else None
+            for b, q, w in zip(boxes, p, windows)]
 
 
-def mean_box_preds(train_boxes, train_nbox, samples):
+def mean_box_preds(train_boxes, train_nbox, windows):
     """The baseline a model must beat: always answer the mean training box (scaled to each
-    image)."""
+    image's window)."""
     m = train_boxes[train_nbox > 0, 0].mean(0)
-    return [data.to_pixels(m, s.size) for s in samples]
+    return [data.to_pixels(m, w) for w in windows]
 
 
 def metrics_row(step, seconds, score, baseline):
@@ -363,6 +364,7 @@ class Job:
     tr_nbox: torch.Tensor  # (M,)
     tr_feats: torch.Tensor | None  # (M, N, T, W) with --cache-features
     va_images: torch.Tensor
+    va_windows: list  # each validation row's window [x0, y0, w, h] (data.load_images)
     baseline: dict  # the mean-box answer's scores on the validation rows
     ema: MiniGPT | None  # --ema: the average of the weights, which is evaluated and saved
 
@@ -393,7 +395,7 @@ def evaluate_and_save(job, step, elapsed, metrics, log):
         t = time.time()
         bf16 = job.s.bf16 and job.device.type == "cuda"
         answering = job.ema if job.ema is not None else job.model
-        preds = predict(answering, job.va_images, job.val_samples, job.device, bf16)
+        preds = predict(answering, job.va_images, job.va_windows, job.device, bf16)
         score = data.score_boxes(preds, job.val_samples)
         metrics.append(metrics_row(step, elapsed, score, job.baseline))
         log(f"eval step {step}: val {data.score_line(score)} (mean-box answer: "
@@ -500,19 +502,21 @@ def main(argv=None):
 
     # every image read once into memory
     t0 = time.time()
-    tr_images, tr_boxes, tr_nbox = data.load_tensors(train_samples, cfg.vit.image_size,
-                                                     cfg.max_boxes)
-    va_images, _, _ = data.load_tensors(val_samples, cfg.vit.image_size, cfg.max_boxes)
+    tr_images, tr_boxes, tr_nbox, _ = data.load_tensors(train_samples, cfg.vit.image_size,
+                                                        cfg.max_boxes, crop=s.crop)
+    va_images, _, _, va_windows = data.load_tensors(val_samples, cfg.vit.image_size,
+                                                    cfg.max_boxes, crop=s.crop)
     log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
     bf16 = s.bf16 and device.type == "cuda"
     tr_feats = (cached_vit_features(model, tr_images, device, bf16, log) if s.cache_features
                 else None)
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN),
-                std=list(data.CLIP_STD), box_format=s.box_format, template=s.template,
+                std=list(data.CLIP_STD), crop=s.crop, box_format=s.box_format, template=s.template,
                 **{data.CONTEXT_KEY: context})
-    baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, val_samples), val_samples)
+    baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, va_windows), val_samples)
     job = Job(s, device, ddp, rank, world, model, train_model, params, optimizer, tokenizer, meta,
-              val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, baseline, ema)
+              val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, va_windows, baseline,
+              ema)
 
     # a resumed run keeps its curve and its clock
     step = state["step"] if state else 0

@@ -18,6 +18,7 @@ def test_every_field_has_help_and_every_preset_names_known_fields():
     for name, values in PRESETS.items():
         assert set(values) <= names, name
     assert set(config.TEMPLATES) == set(data.TEMPLATES)
+    assert config.CROPS == data.CROPS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -171,10 +171,72 @@ def test_box_bins_round_trip_worst_case():
     assert worst[0] > 0.95 * W / (2 * bins)  # the bound is reached, so it is the worst case
 
 
-def test_to_pixels():
-    assert data.to_pixels([0.25, 0.5, 0.75, 1.0], (40, 30)) == [10.0, 15.0, 30.0, 30.0]
+def test_to_pixels_and_back():
+    assert data.to_pixels([0.25, 0.5, 0.75, 1.0], (0, 0, 40, 30)) == [10.0, 15.0, 30.0, 30.0]
     box = torch.tensor([0.0, 0.1, 0.5, 0.2])
-    assert data.to_pixels(box, (10, 20)) == pytest.approx([0.0, 2.0, 5.0, 4.0])
+    assert data.to_pixels(box, (0, 0, 10, 20)) == pytest.approx([0.0, 2.0, 5.0, 4.0])
+    # a window from (8, 4), 13 x 10 pixels: 0.5 of its width is 8 + 6.5
+    assert data.to_pixels([0.5, 0.0, 1.0, 0.5], (8, 4, 13, 10)) == [14.5, 4.0, 21.0, 9.0]
+    assert data.to_window([14.5, 4.0, 21.0, 9.0], (8, 4, 13, 10)) == [0.5, 0.0, 1.0, 0.5]
+    # a box reaching past the window keeps its part inside it
+    assert data.to_window([0.0, 9.0, 30.0, 30.0], (8, 4, 13, 10)) == [0.0, 0.5, 1.0, 1.0]
+
+
+def _head(W, H, x0, y0, x1, y1, value=200, mode="L"):
+    a = np.zeros((H, W), np.uint8)
+    a[y0:y1, x0:x1] = value
+    return Image.fromarray(a).convert(mode)
+
+
+def test_head_window_by_hand():
+    # a 10 x 10 head at x 10-19, y 5-14 of a 40 x 30 image: side round(10 * 1.1) + 2 = 13,
+    # centred: left round((10 + 20 - 13) / 2) = 8 (8.5 rounds to even), top round(3.5) = 4
+    assert data.head_window([_head(40, 30, 10, 5, 20, 15)]) == [8, 4, 13, 13]
+    # the modalities of one study share one window: the union of what stands out in each
+    got = data.head_window([_head(40, 30, 10, 5, 20, 15), _head(40, 30, 16, 8, 24, 12)])
+    # x 10-23 (14 wide), y 5-14: side round(15.4) + 2 = 17; left round(8.5) = 8, top round(1.5) = 2
+    assert got == [8, 2, 17, 17]
+    # pixels below CROP_AT of the 99th percentile are background; 16-bit grey (mode F) reads alike
+    faint = np.zeros((30, 40), np.float32)
+    faint[5:15, 10:20], faint[0, 0] = 1.0, 0.09
+    assert data.head_window([Image.fromarray(faint, mode="F")]) == [8, 4, 13, 13]
+    # cut at the image's edges; nothing standing out: the whole image
+    assert data.head_window([_head(40, 30, 0, 0, 40, 25)]) == [0, 0, 40, 30]
+    assert data.head_window([_head(40, 30, 0, 0, 40, 30, value=0)]) == [0, 0, 40, 30]
+
+
+def test_head_window_on_a_noisy_scanner_background():
+    # a bright head (a disk of radius 40 at (70, 60)) on Rician-like noise, as scanners write it
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :160]
+    a = np.abs(rng.normal(0, 6, (128, 160)) + 1j * rng.normal(0, 6, (128, 160)))
+    a[(xx - 70) ** 2 + (yy - 60) ** 2 <= 40 ** 2] += 150
+    noisy = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    pixels = np.asarray(noisy, dtype=np.float32)  # many single noise pixels pass the threshold
+    assert (pixels[(xx - 70) ** 2 + (yy - 60) ** 2 > 45 ** 2]
+            > data.CROP_AT * np.percentile(pixels, 99)).sum() > 100
+    x0, y0, w, h = data.head_window([noisy])  # blocks of 4 pixels
+    assert w == h and abs(x0 + w / 2 - 70.5) <= 3 and abs(y0 + h / 2 - 60.5) <= 3
+    assert 81 * 1.1 - 6 <= w <= 81 * 1.1 + 8  # the disk's 81 pixels and the margin, not the noise
+
+
+def test_load_images_through_the_head_window(tmp_path):
+    for k in (0, 1):  # a study of two modalities, its head at x 10-19 and 11-19, y 5-14
+        _head(40, 30, 10 + k, 5, 20, 15).save(tmp_path / f"h_{k}.png")
+    row = {"t2f Axial_path": "h_0.png", "t1c Axial_path": "h_1.png", "box": [[12, 6, 18, 12]]}
+    _, samples = data.read_summary(write_rows(tmp_path / "h.jsonl", [row]))
+    x, window = data.load_images(samples[0], 16, crop="head")
+    assert window == [8, 4, 13, 13]
+    with Image.open(tmp_path / "h_1.png") as im:  # the crop by hand, then the plain reading
+        ref = data.image_tensor(im.crop((8, 4, 21, 17)), 16)
+    torch.testing.assert_close(x[1], ref)
+    assert not torch.allclose(x[1], data.load_image(tmp_path / "h_1.png", 16))
+    images, boxes, nbox, windows = data.load_tensors(samples, 16, 1, crop="head")
+    torch.testing.assert_close(images[0].float(), x, atol=2e-3, rtol=0)
+    assert windows == [window]
+    # the target is the box in the window: x (12 - 8) / 13, y (6 - 4) / 13, ...
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([4 / 13, 2 / 13, 10 / 13, 8 / 13]))
+    assert data.to_pixels(boxes[0, 0], window) == pytest.approx([12, 6, 18, 12])
 
 
 def test_box_iou():
@@ -273,9 +335,10 @@ def test_batch_tensors_shapes_and_masks(ds, tok):
     make, good = ds
     row = {**good, "box": [[0, 0, 4, 4], [0, 0, 40, 30], [10, 10, 20, 20]]}
     _, samples = data.read_summary(make(row))
-    images, boxes, nbox = data.load_tensors(samples, image_size=16, max_boxes=2)
+    images, boxes, nbox, windows = data.load_tensors(samples, image_size=16, max_boxes=2)
     assert images.shape == (2, 2, 3, 16, 16) and images.dtype == torch.float16
-    one = data.load_images(samples[1], 16)
+    assert windows == [[0, 0, 40, 30]] * 2  # no crop: the whole image
+    one, _ = data.load_images(samples[1], 16)
     torch.testing.assert_close(images[1].float(), one, atol=2e-3, rtol=0)
     assert nbox.tolist() == [1, 2]
     answer, mask = _answers(tok, boxes, nbox)

@@ -101,6 +101,11 @@ def test_sample_batch_prediction_file(trained, demo, tmp_path):
     assert "mean IoU" in r.stderr
     miou = float(r.stderr.split("mean IoU")[1].split(",")[0])
     assert miou >= 0.9  # the same rows the model overfitted
+    # the recipe reads the demo's brains through a window (--crop head) and both answer in the
+    # whole image's pixels: sample.py scores the rows as train.py's last evaluation did
+    _, samples = data.read_summary(demo)
+    assert all(data.load_images(s, 32, crop="head")[1] != [0, 0, *s.size] for s in samples)
+    assert miou == pytest.approx(last_eval(out)["miou"], abs=2e-3)
 
 
 def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
@@ -125,7 +130,8 @@ def test_sample_reordered_keys_bf16_and_padded_batches(trained, demo, tmp_path):
     from model import load_checkpoint
     _, model, meta = load_checkpoint(out)
     _, samples = data.read_summary(demo)
-    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"])
+    read = lambda s: data.load_images(s, meta["image_size"], meta["mean"], meta["std"],
+                                      meta["crop"])[0]
     padded = sample.predict(model, samples, read, "cpu", batch_size=4, pad=True)
     for a, b in zip(padded, sample.predict(model, samples, read, "cpu")):
         assert torch.equal(a, b)
@@ -665,7 +671,8 @@ def stub_model(monkeypatch, answer, prob=None):
     monkeypatch.setattr(sample, "load_checkpoint", lambda path: (run.folder, run.model, run.meta))
 
     def predict(model, items, load, device, batch_size=32, pad=False):
-        assert load(items[0]).shape == (2, 3, 32, 32)  # the slices read as a model reads them
+        for k in items:  # every slice read, as a model reads them (sample.py keeps their windows)
+            assert load(k).shape == (2, 3, 32, 32)
         boxes = [answer(k) for k in items]
         return (torch.tensor([b or [0.0, 0.0, 1.0, 1.0] for b in boxes]),
                 torch.tensor([prob(k) if prob else 1.0 if b else 0.0
@@ -792,7 +799,8 @@ def test_context_slices_travel_from_the_converter_to_the_whole_study_answer(tmp_
     _, rows = data.read_summary(summary)
     for s in rows:
         k = int(Path(s.paths[0]).stem.split("-")[-1].split("_")[0])
-        assert torch.equal(seen[k], data.load_images(s, 32, meta["mean"], meta["std"])), k
+        want, _ = data.load_images(s, 32, meta["mean"], meta["std"], meta["crop"])
+        assert torch.equal(seen[k], want), k
         assert not torch.equal(seen[k][:, 0], seen[k][:, 1])  # the neighbours, not grey
 
     grey = tmp_path / "grey.jpg"
