@@ -221,7 +221,7 @@ def image_tensor(im, size, window=None, mean=CLIP_MEAN, std=CLIP_STD):
     """A pillow image -> (3, size, size) float32: its window [x0, y0, w, h] (None: the whole
     image) squash-resized (boxes scale with it), normalised. A grayscale slice becomes three equal
     channels, as pretrained ViTs expect RGB."""
-    if window is not None and tuple(window) != (0, 0, *im.size):
+    if window is not None:
         x0, y0, w, h = window
         im = im.crop((x0, y0, x0 + w, y0 + h))
     im = im.resize((size, size), Image.BICUBIC)

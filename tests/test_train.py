@@ -1,6 +1,7 @@
 """End to end: train.py and sample.py as a user runs them (subprocesses, tiny sizes, CPU)."""
 
 import gzip
+import io
 import json
 import os
 import struct
@@ -660,13 +661,13 @@ class _StubModel:
         return self
 
 
-def stub_model(monkeypatch, answer, prob=None):
+def stub_model(monkeypatch, answer, prob=None, crop="none"):
     """Replace sample.py's checkpoint and model with a two-modality axial "model" that answers RAS
     slice k with answer(k): a normalised box [x0, y0, x1, y1], or None for "no tumour"; p_tumour
     prob(k) (None: 1 with a box, else 0)."""
     import sample
     meta = dict(modalities=["t2f Axial", "t1c Axial"], image_size=32, mean=[0.5] * 3,
-                std=[0.5] * 3, box_format="corners")
+                std=[0.5] * 3, box_format="corners", crop=crop)
     run = sample.Run(Path("stub"), _StubModel(), meta)
     monkeypatch.setattr(sample, "load_checkpoint", lambda path: (run.folder, run.model, run.meta))
 
@@ -757,6 +758,25 @@ def test_unsure_slices_add_depth_not_width(tmp_path, monkeypatch):
                                 None, "cpu")
     wide = sample.study_box(study.answers, study.kept, "axial", seg.shape)
     assert wide != study.box and wide[3] == X and wide[4] == Y
+
+
+def test_volume_answers_map_back_from_each_slices_head_window(tmp_path, monkeypatch):
+    """A --crop head model answers each slice in that slice's own window: a stub answering the
+    whole window, [0, 0, 1, 1], on every slice gets back each slice's window in its pixels, read
+    from the converter's pictures as data.head_window finds it."""
+    import sample
+    case = tmp_path / "BraTS-VOL-00000-000"
+    make_study(case)
+    stub_model(monkeypatch, lambda k: [0.0, 0.0, 1.0, 1.0], crop="head")
+    run = sample.Run(*sample.load_checkpoint(tmp_path))
+    study = sample.answer_study(run, [str(case)], None, "cpu")
+    assert study.answers
+    for k, box in study.answers.items():
+        ims = [data.open_image(io.BytesIO(prepare.slice_image(v, "axial", k, 0)))
+               for v in study.images]
+        x0, y0, w, h = data.head_window(ims)
+        assert box == [x0, y0, x0 + w, y0 + h], k
+        assert [x0, y0, w, h] != [0, 0, *ims[0].size], k  # a window, not the whole slice
 
 
 def test_save_nifti_needs_a_study_and_a_nifti_name():
