@@ -175,7 +175,8 @@ class Train:
                            "at the first save (default: refuse)")
     device: str | None = knob(None, "cpu or cuda (None: cuda when available)")
     compile: bool | None = knob(None, "torch.compile the model (None: on CUDA)")
-    bf16: bool | None = knob(None, "bf16 autocast (None: on CUDA)")
+    bf16: bool | None = knob(None, "bf16 autocast on CUDA (None: on); the CPU trains in float32 "
+                             "(bf16 autocast made its step slower, docs/results.md)")
 
 
 @dataclass
