@@ -189,6 +189,26 @@ def test_extend_run_grows_the_ends_over_likely_neighbours_only():
     assert sample.extend_run([], p, 0.2) == ([], [])
 
 
+def test_the_run_is_padded_by_millimetres_within_the_brain():
+    """sample.MARGIN_MM = 2 mm at each end: 2 slices of 1 mm, 1 of 2 mm, none of 5 mm; never past
+    the brain slices (p's keys), gaps in them included."""
+    import sample
+    p = {k: 0.05 for k in range(21)}
+    assert sample.pad_run([8, 9, 11, 12], p, 2) == ([6, 7, 8, 9, 11, 12, 13, 14], [6, 7, 13, 14])
+    assert sample.pad_run([8, 9, 11, 12], p, 0) == ([8, 9, 11, 12], [])
+    assert sample.pad_run([1, 2, 19, 20], p, 3) == ([0, 1, 2, 19, 20], [0])
+    del p[6]
+    assert sample.pad_run([8, 9], p, 3) == ([7, 8, 9, 10, 11, 12], [7, 10, 11, 12])
+    assert sample.pad_run([], p, 2) == ([], [])
+    grid = lambda sizes: prepare.Grid((8, 8, 8), (0, 1, 2), (False,) * 3, np.diag([*sizes, 1.0]))
+    assert sample.MARGIN_MM == 2.0
+    assert sample.margin_slices(grid([1, 1, 1 + 1e-7]), "axial") == 2
+    assert sample.margin_slices(grid([1, 1, 2]), "axial") == 1
+    assert sample.margin_slices(grid([1, 1, 3]), "axial") == 0
+    assert sample.margin_slices(grid([0.5, 0.5, 5]), "axial") == 0
+    assert sample.margin_slices(grid([0.5, 0.5, 5]), "sagittal") == 4
+
+
 def test_study_box_is_the_union_of_the_kept_slices():
     import sample
     shape = (100, 80, 30)  # RAS; axial slices are 100 wide (x reversed) and 80 high (y reversed)
@@ -564,6 +584,7 @@ def test_whole_study_end_to_end(tmp_path):
     """Convert a study with negatives, overfit a tiny model on its slices, answer the whole volume:
     its slices get the answers that the converted slices get (same pixels), the 3-D box finds the
     tumour, the picture is drawn; bad volumes give one line naming the file."""
+    import sample
     src = tmp_path / "src"
     case = src / "BraTS-VOL-00000-000"
     truth = make_study(case)
@@ -582,10 +603,13 @@ def test_whole_study_end_to_end(tmp_path):
     *lines, summ = [json.loads(l) for l in r.stdout.splitlines()]
     assert (summ["study"] == str(case) and summ["view"] == "axial" and summ["slices"] == 16
             and summ["brain_slices"] == 14)
-    assert (summ["tumour_slices"] == 6 and summ["slice_range"] == [5, 10]
-            and [l["slice"] for l in lines] == list(range(5, 11)))
+    # the tumour's slices 5..10, padded by the run's margin of 2 mm: 2 slices of 1 mm at each end
+    assert sample.MARGIN_MM == 2.0 and summ["margin_slices"] == [3, 4, 11, 12]
+    assert (summ["tumour_slices"] == 10 and summ["slice_range"] == [3, 12]
+            and [l["slice"] for l in lines] == list(range(3, 13)))
     assert summ["dropped_slices"] == [] and summ["bridged_slices"] == []
-    assert box3_iou(summ["box_voxels"], truth) >= 0.6, (summ["box_voxels"], truth)
+    x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
+    assert (z0, z1) == (3, 13) and box3_iou([x0, y0, 5, x1, y1, 11], truth) >= 0.6, (x0, y0, truth)
     # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y
     # mirrored
     x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
@@ -595,7 +619,7 @@ def test_whole_study_end_to_end(tmp_path):
     r = run("sample.py", "--ckpt", tmp_path / "run", "--data", summary)
     by_slice = {int(json.loads(a)["t2f Axial_path"].split("-")[-1][:3]): json.loads(a)
                 for a in r.stdout.splitlines()}
-    for l in lines:
+    for l in (l for l in lines if l["slice"] not in summ["margin_slices"]):
         # the file holds x and y reversed against RAS, the radiological picture reverses them
         # again: pixels are voxels
         (mx, my, nx, ny), = by_slice[l["slice"]]["box"]
@@ -661,11 +685,13 @@ class _StubModel:
         return self
 
 
-def stub_model(monkeypatch, answer, prob=None, crop="none"):
+def stub_model(monkeypatch, answer, prob=None, crop="none", margin_mm=0.0):
     """Replace sample.py's checkpoint and model with a two-modality axial "model" that answers RAS
     slice k with answer(k): a normalised box [x0, y0, x1, y1], or None for "no tumour"; p_tumour
-    prob(k) (None: 1 with a box, else 0)."""
+    prob(k) (None: 1 with a box, else 0). The run's margin (sample.MARGIN_MM) is margin_mm: off
+    unless a test asks for it, so that a run ends where the answers do."""
     import sample
+    monkeypatch.setattr(sample, "MARGIN_MM", margin_mm)
     meta = dict(modalities=["t2f Axial", "t1c Axial"], image_size=32, mean=[0.5] * 3,
                 std=[0.5] * 3, box_format="corners", crop=crop)
     run = sample.Run(Path("stub"), _StubModel(), meta)
@@ -882,3 +908,10 @@ def test_gaps_are_bridged_in_millimetres(tmp_path, monkeypatch):
     five = sample.answer_study(run, [str(thick)], None, "cpu").summary
     assert five["slice_range"] == [8, 10] and five["dropped_slices"] == [5, 6]
     assert five["box_mm"][2:6:3] == [5 * 7.5, 5 * 10.5]  # z edges of slices 8..10, 5 mm apart
+    # the run's margin of 2 mm: two slices at each end of the 1 mm study, none of the 5 mm one
+    run = stub_model(monkeypatch, lambda k: [0.2, 0.2, 0.4, 0.4] if k in (5, 6, 8, 9, 10) else None,
+                     margin_mm=2.0)
+    one = sample.answer_study(run, [str(case)], None, "cpu").summary
+    assert one["slice_range"] == [3, 12] and one["margin_slices"] == [3, 4, 11, 12]
+    five = sample.answer_study(run, [str(thick)], None, "cpu").summary
+    assert five["slice_range"] == [8, 10] and five["margin_slices"] == []
