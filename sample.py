@@ -313,6 +313,7 @@ class Study:
     kept: list  # the RAS slices of the tumour's run (tumour_runs)
     box: list | None  # RAS voxel edges [x0, y0, z0, x1, y1, z1] of the 3-D box, None: no tumour
     grid: prepare.Grid  # RAS <-> the file's voxels and millimetres
+    margin: list  # the RAS slices the run's margin added (pad_run): answered "no tumour"
 
     def file_slice(self, k):
         """RAS slice k of the view -> its number in the file."""
@@ -346,20 +347,25 @@ def answer_study(run, volume, brainmask, device, pad=False):
     kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
     kept, added = extend_run(kept, p, END_AT)
     kept, padded = pad_run(kept, p, margin_slices(grid, view))
+    dropped = [k for k in dropped if k not in kept]  # an outlier the run reached is the run's
     answers.update({k: box[k] for k in added + padded})
-    study = Study([], {}, images, view, answers, kept, None, grid)
+    study = Study([], {}, images, view, answers, kept, None, grid, padded)
     file_axis = grid.axes[prepare.VIEW_AXIS[view]]
     for k in sorted(answers, key=study.file_slice):  # in the file's slice order
         vox = grid.to_file([int(round(v)) for v in prepare.volume_box(answers[k], view, k,
                                                                      images[0].shape)])
         study.lines.append(dict(slice=vox[file_axis], p_tumour=round(p[k], 4), box_voxels=vox,
-                                box_mm=grid.to_mm(vox), outlier=k in dropped))
+                                box_mm=grid.to_mm(vox), outlier=k in dropped,
+                                margin=k in padded))
     summary = dict(study=" ".join(map(str, volume)), view=view,
                    slices=images[0].shape[prepare.VIEW_AXIS[view]], brain_slices=len(ks),
                    tumour_slices=len(kept))
     if kept:
-        sure = [k for k in kept if p[k] >= BOX_AT]
-        study.box = study_box(answers, kept, view, images[0].shape, sure)  # none sure: all
+        # the width: the sure slices; none sure, every slice of the run but the margin's, whose
+        # boxes are the model's on slices it answered "no tumour"
+        unpadded = [k for k in kept if k not in padded]
+        wide = [k for k in unpadded if p[k] >= BOX_AT] or unpadded
+        study.box = study_box(answers, kept, view, images[0].shape, wide)
         vox = grid.to_file(study.box)
         summary.update(box_voxels=vox, box_mm=grid.to_mm(vox),
                        slice_range=[vox[file_axis], vox[file_axis + 3] - 1],
@@ -368,7 +374,7 @@ def answer_study(run, volume, brainmask, device, pad=False):
                        margin_slices=sorted(study.file_slice(k) for k in padded),
                        dropped_slices=sorted(study.file_slice(k) for k in dropped),
                        depth_only_slices=sorted(study.file_slice(k) for k in kept
-                                                if sure and k not in sure))
+                                                if k not in wide))
     else:
         summary.update(box_voxels=None, box_mm=None, answer="no tumour")
     summary["seconds"] = round(time.time() - t0, 2)
@@ -379,16 +385,17 @@ def answer_study(run, volume, brainmask, device, pad=False):
 def box_labels(study):
     """The study's answer as a label volume (RAS, uint8, the study's shape) for a viewer to lay
     over it: 1 in the 3-D box, 2 in each kept tumour slice's own box inside it (drawn over the 1,
-    which shows where the union widened the box and which slices were bridged); all 0 for "no
-    tumour". Its voxels > 0 span exactly the 3-D box: a depth-only slice's box (study_box) may
-    reach past the box, and is cut at its edges."""
+    which shows where the union widened the box and which slices were bridged or added by the
+    margin: those have no box of their own); all 0 for "no tumour". Its voxels > 0 span exactly
+    the 3-D box: a depth-only slice's box (study_box) may reach past the box, and is cut at its
+    edges."""
     shape = study.images[0].shape
     labels = np.zeros(shape, np.uint8)
     if study.box:
         outer = study.box
         x0, y0, z0, x1, y1, z1 = outer
         labels[x0:x1, y0:y1, z0:z1] = 1
-        for k in study.kept:
+        for k in (k for k in study.kept if k not in study.margin):
             box = [int(round(v)) for v in prepare.volume_box(study.answers[k], study.view, k,
                                                              shape)]
             x0, y0, z0 = [max(a, b) for a, b in zip(box[:3], outer[:3])]
@@ -400,8 +407,8 @@ def box_labels(study):
 def draw_study(study, modalities, path, tiles=12, tile=160):
     """The picture a reader checks: top, three orthogonal views through the 3-D box's centre with
     the box; below, up to `tiles` of the kept tumour slices, evenly spread, each with its own
-    answered box. First modality only (FLAIR in BraTS order: the whole tumour is brightest there).
-    The labels show the file's slice numbers."""
+    answered box (the margin's slices with none). First modality only (FLAIR in BraTS order: the
+    whole tumour is brightest there). The labels show the file's slice numbers."""
     vol, view, kept, box = study.images[0], study.view, study.kept, study.box
     shape, cols = vol.shape, 4
     name = modalities[0].split()[0]
@@ -433,8 +440,10 @@ def draw_study(study, modalities, path, tiles=12, tile=160):
             prepare.image_box(box, v, shape) if box else None, j * tile, 16,
             f"{v} through the box" if box else v)
     for i, k in enumerate(picks):
-        put(prepare.view_slice(vol, view, k), study.answers[k], (i % cols) * tile,
-            16 + (1 + i // cols) * (tile + 14), f"{view} slice {study.file_slice(k)}")
+        margin = k in study.margin  # answered "no tumour": no box of its own
+        put(prepare.view_slice(vol, view, k), None if margin else study.answers[k],
+            (i % cols) * tile, 16 + (1 + i // cols) * (tile + 14),
+            f"{view} slice {study.file_slice(k)}" + (" (margin)" if margin else ""))
     sheet.save(path)
 
 

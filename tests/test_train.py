@@ -786,6 +786,34 @@ def test_unsure_slices_add_depth_not_width(tmp_path, monkeypatch):
     assert wide != study.box and wide[3] == X and wide[4] == Y
 
 
+def test_the_margins_slices_add_depth_only(tmp_path, monkeypatch):
+    """The run's margin (2 mm: two slices of 1 mm) adds depth and nothing else: its slices are
+    flagged in the lines, have no box of their own in the label volume, and never set the width,
+    even where no slice is sure (p < BOX_AT everywhere; the stub answers a "no tumour" slice with
+    the whole image). An outlier the padded run reaches is the run's, not dropped."""
+    import sample
+    case = tmp_path / "BraTS-VOL-00000-000"
+    make_study(case)  # brain on slices 1..14
+    sure = {3, 4, 5, 6, 12}  # the run 3..6, an outlier 12 five slices past its end
+    run = stub_model(monkeypatch, lambda k: [0.2, 0.2, 0.4, 0.4] if k in sure or 7 <= k <= 10
+                     else None,
+                     lambda k: 0.6 if k in sure else 0.35 if 7 <= k <= 10 else 0.0,
+                     margin_mm=2.0)
+    assert sample.tumour_runs(sorted(sure), 4) == ([3, 4, 5, 6], [], [12])
+    study = sample.answer_study(run, [str(case)], None, "cpu")
+    s = study.summary
+    assert s["grown_slices"] == [7, 8, 9, 10] and s["margin_slices"] == [1, 2, 11, 12]
+    assert s["slice_range"] == [1, 12] and s["dropped_slices"] == []
+    assert [l["slice"] for l in study.lines if l["margin"]] == [1, 2, 11, 12]
+    assert not any(l["outlier"] for l in study.lines)
+    X, Y = study.images[0].shape[:2]
+    assert study.box[0] > 0 and study.box[3] < X and study.box[1] > 0 and study.box[4] < Y
+    assert s["depth_only_slices"] == [1, 2, 11, 12]
+    labels = sample.box_labels(study)
+    assert set(np.unique(labels[..., 1])) == {0, 1} and set(np.unique(labels[..., 12])) == {0, 1}
+    assert 2 in labels[..., 5] and 2 in labels[..., 8]  # an answered and a grown slice
+
+
 def test_volume_answers_map_back_from_each_slices_head_window(tmp_path, monkeypatch):
     """A --crop head model answers each slice in that slice's own window: a stub answering the
     whole window, [0, 0, 1, 1], on every slice gets back each slice's window in its pixels, read
