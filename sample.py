@@ -171,7 +171,7 @@ END_AT = 0.3
 # this; the others (the run's less sure slices, its grown ends) add depth only (study_box; chosen on
 # held-out whole-study runs, docs/results.md "The box's width from the sure slices")
 BOX_AT = 0.9
-# the run, grown, is then padded by this much tissue at each end (margin_slices, pad_run): the
+# the run, grown, is then padded by this much tissue at each end (margin_slices, extend_run): the
 # thinnest end sections, a few dozen tumour pixels, are answered "no tumour" as surely as slices
 # without tumour, so on held-out studies the run stopped short of the tumour at 38 of 40 ends, by
 # a median of 4.5 slices of 1 mm (chosen on held-out whole-study runs, docs/results.md "The run's
@@ -228,9 +228,9 @@ def gap_slices(grid, view):
 
 
 def margin_slices(grid, view):
-    """How many slices pad_run adds at each end of the run: floor(MARGIN_MM / the spacing), 2 of
-    1 mm, 1 of 2 mm, none of 3 mm or more (a 5 mm slice at the tumour's end already holds the
-    end's millimetres)."""
+    """How many slices the run's margin adds at each end (extend_run): floor(MARGIN_MM / the
+    spacing), 2 of 1 mm, 1 of 2 mm, none of 3 mm or more (a 5 mm slice at the tumour's end already
+    holds the end's millimetres)."""
     return int(MARGIN_MM / slice_spacing(grid, view) + 1e-6)
 
 
@@ -254,34 +254,21 @@ def tumour_runs(slices, max_gap=4):
     return kept, bridged, sorted(set(slices) - set(kept))
 
 
-def extend_run(kept, p, low):
+def extend_run(kept, p, low, most=None):
     """Hysteresis at the tumour's ends: the kept run (sorted slice indices) grows outward, slice by
-    slice, while the next slice's p_tumour (p: brain slice -> probability) is at least low. A run
-    starts only where the model is sure (PRESENT_AT); its ends, sections of a few dozen tumour
-    pixels, are answered less surely, and a slice next to a sure run is more likely tumour than one
-    alone. -> (the run, the added slices)."""
+    slice, while the next slice's p_tumour (p: brain slice -> probability) is at least low, by at
+    most `most` slices at each end (None: no limit). A run starts only where the model is sure
+    (PRESENT_AT); its ends, sections of a few dozen tumour pixels, are answered less surely, and a
+    slice next to a sure run is more likely tumour than one alone. With low 0 and most n, the run's
+    margin: n slices at each end whatever their p. -> (the run, the added slices)."""
     if not kept:
         return kept, []
+    most = len(p) if most is None else most
     lo, hi = kept[0], kept[-1]
-    while lo - 1 in p and p[lo - 1] >= low:  # p holds the brain slices only: never past them
+    while kept[0] - lo < most and lo - 1 in p and p[lo - 1] >= low:  # p: the brain slices only
         lo -= 1
-    while hi + 1 in p and p[hi + 1] >= low:
+    while hi - kept[-1] < most and hi + 1 in p and p[hi + 1] >= low:
         hi += 1
-    added = list(range(lo, kept[0])) + list(range(kept[-1] + 1, hi + 1))
-    return sorted(kept + added), added
-
-
-def pad_run(kept, p, n):
-    """The run (sorted slice indices) padded by up to n slices at each end, never past the brain
-    slices (p's keys) -> (the run, the added slices)."""
-    if not kept:
-        return kept, []
-    lo, hi = kept[0], kept[-1]
-    for _ in range(n):
-        if lo - 1 in p:  # p holds the brain slices only
-            lo -= 1
-        if hi + 1 in p:
-            hi += 1
     added = list(range(lo, kept[0])) + list(range(kept[-1] + 1, hi + 1))
     return sorted(kept + added), added
 
@@ -313,7 +300,7 @@ class Study:
     kept: list  # the RAS slices of the tumour's run (tumour_runs)
     box: list | None  # RAS voxel edges [x0, y0, z0, x1, y1, z1] of the 3-D box, None: no tumour
     grid: prepare.Grid  # RAS <-> the file's voxels and millimetres
-    margin: list  # the RAS slices the run's margin added (pad_run): answered "no tumour"
+    margin: list  # the RAS slices the run's margin added (MARGIN_MM): answered "no tumour"
 
     def file_slice(self, k):
         """RAS slice k of the view -> its number in the file."""
@@ -346,7 +333,7 @@ def answer_study(run, volume, brainmask, device, pad=False):
     answers = {k: box[k] for k in ks if p[k] >= PRESENT_AT}
     kept, bridged, dropped = tumour_runs(list(answers), gap_slices(grid, view))
     kept, added = extend_run(kept, p, END_AT)
-    kept, padded = pad_run(kept, p, margin_slices(grid, view))
+    kept, padded = extend_run(kept, p, 0.0, margin_slices(grid, view))  # the margin
     dropped = [k for k in dropped if k not in kept]  # an outlier the run reached is the run's
     answers.update({k: box[k] for k in added + padded})
     study = Study([], {}, images, view, answers, kept, None, grid, padded)

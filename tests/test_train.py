@@ -194,12 +194,13 @@ def test_the_run_is_padded_by_millimetres_within_the_brain():
     the brain slices (p's keys), gaps in them included."""
     import sample
     p = {k: 0.05 for k in range(21)}
-    assert sample.pad_run([8, 9, 11, 12], p, 2) == ([6, 7, 8, 9, 11, 12, 13, 14], [6, 7, 13, 14])
-    assert sample.pad_run([8, 9, 11, 12], p, 0) == ([8, 9, 11, 12], [])
-    assert sample.pad_run([1, 2, 19, 20], p, 3) == ([0, 1, 2, 19, 20], [0])
+    assert sample.extend_run([8, 9, 11, 12], p, 0.0, 2) == ([6, 7, 8, 9, 11, 12, 13, 14],
+                                                           [6, 7, 13, 14])
+    assert sample.extend_run([8, 9, 11, 12], p, 0.0, 0) == ([8, 9, 11, 12], [])
+    assert sample.extend_run([1, 2, 19, 20], p, 0.0, 3) == ([0, 1, 2, 19, 20], [0])
     del p[6]
-    assert sample.pad_run([8, 9], p, 3) == ([7, 8, 9, 10, 11, 12], [7, 10, 11, 12])
-    assert sample.pad_run([], p, 2) == ([], [])
+    assert sample.extend_run([8, 9], p, 0.0, 3) == ([7, 8, 9, 10, 11, 12], [7, 10, 11, 12])
+    assert sample.extend_run([], p, 0.0, 2) == ([], [])
     grid = lambda sizes: prepare.Grid((8, 8, 8), (0, 1, 2), (False,) * 3, np.diag([*sizes, 1.0]))
     assert sample.MARGIN_MM == 2.0
     assert sample.margin_slices(grid([1, 1, 1 + 1e-7]), "axial") == 2
@@ -612,7 +613,6 @@ def test_whole_study_end_to_end(tmp_path):
     assert (z0, z1) == (3, 13) and box3_iou([x0, y0, 5, x1, y1, 11], truth) >= 0.6, (x0, y0, truth)
     # identity affine with x and y flipped: millimetres are voxel edges less half a voxel, x and y
     # mirrored
-    x0, y0, z0, x1, y1, z1 = summ["box_voxels"]
     assert summ["box_mm"] == [-(x1 - 0.5), -(y1 - 0.5), z0 - 0.5, -(x0 - 0.5), -(y0 - 0.5),
                               z1 - 0.5]
     # each slice is the converter's picture: the volume's answers are the converted rows' answers
