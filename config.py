@@ -108,6 +108,11 @@ class Shape:
                              "much of it the box covers (0 = off)", range=(0.0, 1000.0))
     patch_cells: int = knob(1, "the patch loss asks each patch for the box's share of k x k cells "
                             "of it: finer targets for large patches", range=(1, 64))
+    second_look: bool = knob(False, "answer each box twice: then again through a square window "
+                             "zoomed around it, twice its longer side (data.zoom_window); "
+                             "training adds to every row with a box one view zoomed around it, "
+                             "jittered as a first answer is off. Slices only: --volume answers "
+                             "once")
     flip_average: bool | None = knob(None, "answer with the mean of the box and the mirrored "
                                      "box of the mirrored study (None: on when --augment flips)")
     max_boxes: int = knob(1, "boxes per answer; rows with more keep the largest", range=(1, 64))
@@ -198,18 +203,18 @@ VIT_FIELDS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 # recipe fills an H200-class GPU; minigpt4 is the GPU recipe around pretrained BLIP-2 and Vicuna;
 # tiny is the CPU recipe's sizes in the plain layout transformers also has (bench.py's peer).
 PRESETS = {
-    "cpu": dict(image_size=64, crop="head", patch_size=16, vit_width=128, vit_depth=4, vit_heads=4,
-                vit_stem="conv", num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
-                pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                num_bins=64, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,
-                batch_size=32, lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0,
-                eval_every=200),
-    "gpu": dict(image_size=128, crop="head", patch_size=16, vit_width=384, vit_depth=8, vit_heads=6,
-                vit_stem="conv", num_query=16, qformer_width=384, qformer_depth=2, qformer_heads=6,
-                pooled_queries=True, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-                num_bins=128, loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2,
-                batch_size=64, lr=5e-4, warmup_steps=200, ema=0.995, max_minutes=8.0,
-                eval_every=500),
+    "cpu": dict(image_size=64, crop="head", second_look=True, patch_size=16, vit_width=128,
+                vit_depth=4, vit_heads=4, vit_stem="conv", num_query=4, qformer_width=128,
+                qformer_depth=2, qformer_heads=4, pooled_queries=True, dim=128, n_layers=4,
+                n_heads=4, n_kv_heads=2, num_bins=64, loc_sigma=1.0, box_head="regress",
+                patch_loss=3.0, patch_cells=2, batch_size=32, lr=1e-3, warmup_steps=100,
+                ema=0.995, max_minutes=8.0, eval_every=200),
+    "gpu": dict(image_size=128, crop="head", second_look=True, patch_size=16, vit_width=384,
+                vit_depth=8, vit_heads=6, vit_stem="conv", num_query=16, qformer_width=384,
+                qformer_depth=2, qformer_heads=6, pooled_queries=True, dim=512, n_layers=8,
+                n_heads=8, n_kv_heads=4, num_bins=128, loc_sigma=1.0, box_head="regress",
+                patch_loss=3.0, patch_cells=2, batch_size=64, lr=5e-4, warmup_steps=200,
+                ema=0.995, max_minutes=8.0, eval_every=500),
 }
 # bench.py's CPU shape: the CPU recipe's widths with the layout the transformers peer also builds
 PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", patch_size=8, num_query=16,

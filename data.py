@@ -312,6 +312,62 @@ def read_window(ims, size, mean=CLIP_MEAN, std=CLIP_STD, crop="none"):
     return torch.stack([image_tensor(im, size, window, mean, std) for im in ims]), window
 
 
+
+# The second look (--second-look): the answered box is answered again through a square window around
+# it, ZOOM_CONTEXT times its longer side (at least ZOOM_MIN of the image's shorter side), so that a
+# tumour of 8 of the 64 pixels is read at about 32. Training adds, for every row with a box, one
+# such view around its largest box, its size and centre jittered as a first answer is off
+# (ZOOM_JITTER: size x / 1.25 at most, centre by 0.15 of the side at most, which keeps the box
+# inside: half of it spans at most 0.25 of the side). The window may reach past the image's edges,
+# read as black, so that the box's surroundings keep one scale.
+ZOOM_CONTEXT = 2.0
+ZOOM_MIN = 0.25
+ZOOM_JITTER = (1.25, 0.15)
+
+
+def zoom_window(box, W, H, rng=None):
+    """A pixel box [x0, y0, x1, y1] in a W x H image -> the square window [x0, y0, w, h] around
+    it; rng (a random.Random): jittered, for training."""
+    x0, y0, x1, y1 = box
+    side = max(ZOOM_CONTEXT * max(x1 - x0, y1 - y0), ZOOM_MIN * min(W, H))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if rng is not None:
+        scale, shift = ZOOM_JITTER
+        side *= math.exp(rng.uniform(-math.log(scale), math.log(scale)))
+        cx += rng.uniform(-shift, shift) * side
+        cy += rng.uniform(-shift, shift) * side
+    side = max(int(round(side)), MIN_IMAGE_SIDE)
+    return [int(round(cx - side / 2)), int(round(cy - side / 2)), side, side]
+
+
+def load_zoomed(sample, box, size, mean=CLIP_MEAN, std=CLIP_STD, rng=None):
+    """A sample's images read through zoom_window around a pixel box -> (images (N, 3, S, S),
+    window [x0, y0, w, h]); an answer in that window maps back with to_pixels."""
+    ims = [open_image(p) for p in sample.paths]
+    window = zoom_window(box, *ims[0].size, rng)
+    return torch.stack([image_tensor(im, size, window, mean, std) for im in ims]), window
+
+
+def zoom_tensors(samples, image_size, max_boxes, seed, mean=CLIP_MEAN, std=CLIP_STD):
+    """The second look's training rows: every sample with a box, read through a jittered
+    zoom_window around its largest box -> images (M, N, 3, S, S) float16, boxes (M, K, 4)
+    normalised to the window (only the largest: the look answers one box), nbox (M,), as
+    load_tensors. rng from seed: a resumed run reads the same views."""
+    rng = random.Random(seed)
+    images, boxes = [], []
+    for s in samples:
+        if not s.boxes:
+            continue
+        big = max(s.boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        x, window = load_zoomed(s, big, image_size, mean, std, rng)
+        images.append(x.half())
+        b = torch.zeros(max_boxes, 4)
+        b[0] = torch.tensor(to_window(big, window))
+        boxes.append(b)
+    if not images:  # no row with a box: no second look to learn
+        return None
+    return torch.stack(images), torch.stack(boxes), torch.ones(len(images), dtype=torch.long)
+
 # -----------------------------------------------------------------------------
 # boxes as location bins (Pix2Seq / PaliGemma style): each coordinate is quantised into `bins` bins
 # of the image's own width or height, so the answer does not depend on the image size or the resize.

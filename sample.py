@@ -88,6 +88,18 @@ def answer_samples(run, samples, device, pad, box_format, with_paths):
     boxes, probs = predict(run.model, samples, read, device, pad=pad)
     preds = [data.to_pixels(b, w) if p >= PRESENT_AT else None
              for b, p, w in zip(boxes, probs, windows)]
+    looked = [i for i, b in enumerate(preds) if b is not None]
+    if meta.get("second_look") and looked:  # each box answered again, zoomed around it
+        zoom = {}  # sample index -> the window its second look read
+
+        def read_zoomed(i):
+            x, zoom[i] = data.load_zoomed(samples[i], preds[i], meta["image_size"], meta["mean"],
+                                          meta["std"])
+            return x
+
+        boxes, _ = predict(run.model, looked, read_zoomed, device, pad=pad)  # p: the first look's
+        for i, b in zip(looked, boxes):
+            preds[i] = data.to_pixels(b, zoom[i])
     rows = []
     for s, pred, p in zip(samples, preds, probs):
         row = {k: v for k, v in s.row.items() if k.endswith("_path")} if with_paths else {}

@@ -271,6 +271,25 @@ def predict(model, images, windows, device, bf16, batch_size=64):
             for b, q, w in zip(boxes, p, windows)]
 
 
+@torch.no_grad()
+def second_look(model, samples, preds, image_size, device, bf16, batch_size=64):
+    """--second-look: each answered box (pixels; None: "no tumour", left so) answered again
+    through a window zoomed around it (data.load_zoomed) -> the new pixel boxes. sample.py's
+    answer_samples does the same for sample.py."""
+    looked = [i for i, b in enumerate(preds) if b is not None]
+    out = list(preds)
+    model.eval()
+    for j in range(0, len(looked), batch_size):
+        chunk = looked[j: j + batch_size]
+        read = [data.load_zoomed(samples[i], preds[i], image_size) for i in chunk]
+        with autocast(device, bf16):
+            boxes, _ = model.answer_boxes(torch.stack([x for x, _ in read]).to(device).float())
+        for i, b, (_, window) in zip(chunk, boxes.float().cpu(), read):
+            out[i] = data.to_pixels(b, window)
+    model.train()
+    return out
+
+
 def mean_box_preds(train_boxes, train_nbox, windows):
     """The baseline a model must beat: always answer the mean training box (scaled to each
     image's window)."""
@@ -396,10 +415,15 @@ def evaluate_and_save(job, step, elapsed, metrics, log):
         bf16 = job.s.bf16 and job.device.type == "cuda"
         answering = job.ema if job.ema is not None else job.model
         preds = predict(answering, job.va_images, job.va_windows, job.device, bf16)
+        first = ""
+        if job.s.second_look:
+            first = f"; first look: mean IoU {data.score_boxes(preds, job.val_samples)['miou']:.3f}"
+            preds = second_look(answering, job.val_samples, preds, job.meta["image_size"],
+                                job.device, bf16)
         score = data.score_boxes(preds, job.val_samples)
         metrics.append(metrics_row(step, elapsed, score, job.baseline))
         log(f"eval step {step}: val {data.score_line(score)} (mean-box answer: "
-            f"{data.score_line(job.baseline)}) [{time.time() - t:.1f}s]")
+            f"{data.score_line(job.baseline)}{first}) [{time.time() - t:.1f}s]")
         out = Path(job.s.out)
         save_checkpoint(out, answering, job.tokenizer, job.meta, job.s, job.val_samples,
                         job.optimizer, step, elapsed, job.model if job.ema is not None else None)
@@ -506,14 +530,20 @@ def main(argv=None):
                                                         cfg.max_boxes, crop=s.crop)
     va_images, _, _, va_windows = data.load_tensors(val_samples, cfg.vit.image_size,
                                                     cfg.max_boxes, crop=s.crop)
+    zoomed = (data.zoom_tensors(train_samples, cfg.vit.image_size, cfg.max_boxes, s.seed)
+              if s.second_look else None)
+    baseline_rows = tr_boxes, tr_nbox  # the mean-box answer: of the whole views only
+    if zoomed:  # the second look's views: more rows, drawn into batches as the whole views are
+        tr_images, tr_boxes, tr_nbox = (torch.cat([a, b]) for a, b in
+                                        zip((tr_images, tr_boxes, tr_nbox), zoomed))
     log(f"loaded images in {time.time() - t0:.1f}s: train {tuple(tr_images.shape)}")
     bf16 = s.bf16 and device.type == "cuda"
     tr_feats = (cached_vit_features(model, tr_images, device, bf16, log) if s.cache_features
                 else None)
     meta = dict(modalities=modalities, image_size=cfg.vit.image_size, mean=list(data.CLIP_MEAN),
                 std=list(data.CLIP_STD), crop=s.crop, box_format=s.box_format, template=s.template,
-                **{data.CONTEXT_KEY: context})
-    baseline = data.score_boxes(mean_box_preds(tr_boxes, tr_nbox, va_windows), val_samples)
+                second_look=s.second_look, **{data.CONTEXT_KEY: context})
+    baseline = data.score_boxes(mean_box_preds(*baseline_rows, va_windows), val_samples)
     job = Job(s, device, ddp, rank, world, model, train_model, params, optimizer, tokenizer, meta,
               val_samples, tr_images, tr_boxes, tr_nbox, tr_feats, va_images, va_windows, baseline,
               ema)

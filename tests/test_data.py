@@ -1,6 +1,7 @@
 """Tests of data.py: the data contract, boxes, tokenizer, batches, patient split."""
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -238,6 +239,50 @@ def test_load_images_through_the_head_window(tmp_path):
     torch.testing.assert_close(boxes[0, 0], torch.tensor([4 / 13, 2 / 13, 10 / 13, 8 / 13]))
     assert data.to_pixels(boxes[0, 0], window) == pytest.approx([12, 6, 18, 12])
 
+
+
+def test_zoom_window_by_hand_and_its_jitter_keeps_the_box():
+    # twice the box's longer side (20), centred on it: (20, 25) -> [0, 5, 40, 40]
+    assert data.zoom_window([10, 20, 30, 30], 100, 80) == [0, 5, 40, 40]
+    # a 2-pixel box: a quarter of the shorter side (20) instead, past the image's edge allowed
+    assert data.zoom_window([50, 50, 52, 52], 100, 80) == [41, 41, 20, 20]
+    assert data.zoom_window([0, 0, 30, 10], 100, 80) == [-15, -25, 60, 60]
+    rng = random.Random(0)
+    sides, shifts = [], []
+    for _ in range(300):
+        x0, y0, w, h = data.zoom_window([10, 20, 30, 30], 100, 80, rng)
+        assert w == h and x0 <= 10 and y0 <= 20 and x0 + w >= 30 and y0 + h >= 30
+        sides.append(w)
+        shifts.append((x0 + w / 2 - 20) / w)
+    scale, shift = data.ZOOM_JITTER
+    assert 40 / scale - 1 <= min(sides) < 37 and 43 < max(sides) <= 40 * scale + 1
+    assert -shift - 0.02 <= min(shifts) < -0.1 and 0.1 < max(shifts) <= shift + 0.02
+
+
+def test_zoom_tensors_read_the_zoomed_view_of_each_row_with_a_box(tmp_path):
+    for k in (0, 1):
+        _head(40, 30, 10 + k, 5, 20, 15).save(tmp_path / f"h_{k}.png")
+    rows = [{"t2f Axial_path": "h_0.png", "t1c Axial_path": "h_1.png", "box": [[12, 6, 18, 12]]},
+            {"t2f Axial_path": "h_0.png", "t1c Axial_path": "h_1.png", "box": []},
+            {"t2f Axial_path": "h_1.png", "t1c Axial_path": "h_0.png",
+             "box": [[30, 20, 31, 21], [2, 2, 12, 10]]}]
+    _, samples = data.read_summary(write_rows(tmp_path / "h.jsonl", rows), require_boxes=False)
+    images, boxes, nbox = data.zoom_tensors(samples, 16, 2, seed=3)
+    assert images.shape == (2, 2, 3, 16, 16) and nbox.tolist() == [1, 1]  # no row without a box
+    rng = random.Random(3)  # the same draws, by hand: each row's window, then its crop
+    for i, (s, box) in enumerate([(samples[0], [12, 6, 18, 12]), (samples[2], [2, 2, 12, 10])]):
+        window = data.zoom_window(box, 40, 30, rng)  # the largest box of the row
+        x0, y0, w, h = window
+        with Image.open(tmp_path / s.row["t1c Axial_path"]) as im:  # past the edges: black
+            ref = data.image_tensor(im.crop((x0, y0, x0 + w, y0 + h)), 16)
+        torch.testing.assert_close(images[i, 1].float(), ref, atol=2e-3, rtol=0)
+        torch.testing.assert_close(boxes[i, 0], torch.tensor(data.to_window(box, window)))
+        assert boxes[i, 1].tolist() == [0, 0, 0, 0]
+        assert data.to_pixels(boxes[i, 0], window) == pytest.approx(box)
+    again = data.zoom_tensors(samples, 16, 2, seed=3)
+    assert torch.equal(again[0], images) and torch.equal(again[1], boxes)
+    assert not torch.equal(data.zoom_tensors(samples, 16, 2, seed=4)[1], boxes)
+    assert data.zoom_tensors(samples[1:2], 16, 2, seed=3) is None
 
 def test_box_iou():
     assert data.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
