@@ -597,7 +597,8 @@ def test_whole_study_end_to_end(tmp_path):
     assert len(rows) == 12 and sum(json.loads(r)["box"] == [] for r in rows) == 6
     summary = tmp_path / "data" / "summary.jsonl"
     run("train.py", "--data", summary, "--val", summary, "--out", tmp_path / "run",
-        "--max-steps", 300, "--eval-every", 300, "--lr", "3e-3", *TINY)
+        "--max-steps", 300, "--eval-every", 300, "--lr", "3e-3", "--no-second-look",
+        *TINY)  # as the README's whole-study command: --volume answers with one look
     m = last_eval(tmp_path / "run")
     assert m["sens"] == 1.0 and m["spec"] == 1.0 and m["miou"] >= 0.7
 
