@@ -312,7 +312,6 @@ def read_window(ims, size, mean=CLIP_MEAN, std=CLIP_STD, crop="none"):
     return torch.stack([image_tensor(im, size, window, mean, std) for im in ims]), window
 
 
-
 # The second look (--second-look): the answered box is answered again through a square window around
 # it, ZOOM_CONTEXT times its longer side (at least ZOOM_MIN of the image's shorter side), so that a
 # tumour of 8 of the 64 pixels is read at about 32. Training adds, for every row with a box, one
@@ -367,6 +366,7 @@ def zoom_tensors(samples, image_size, max_boxes, seed, mean=CLIP_MEAN, std=CLIP_
     if not images:  # no row with a box: no second look to learn
         return None
     return torch.stack(images), torch.stack(boxes), torch.ones(len(images), dtype=torch.long)
+
 
 # -----------------------------------------------------------------------------
 # boxes as location bins (Pix2Seq / PaliGemma style): each coordinate is quantised into `bins` bins

@@ -240,7 +240,6 @@ def test_load_images_through_the_head_window(tmp_path):
     assert data.to_pixels(boxes[0, 0], window) == pytest.approx([12, 6, 18, 12])
 
 
-
 def test_zoom_window_by_hand_and_its_jitter_keeps_the_box():
     # twice the box's longer side (20), centred on it: (20, 25) -> [0, 5, 40, 40]
     assert data.zoom_window([10, 20, 30, 30], 100, 80) == [0, 5, 40, 40]
@@ -283,6 +282,7 @@ def test_zoom_tensors_read_the_zoomed_view_of_each_row_with_a_box(tmp_path):
     assert torch.equal(again[0], images) and torch.equal(again[1], boxes)
     assert not torch.equal(data.zoom_tensors(samples, 16, 2, seed=4)[1], boxes)
     assert data.zoom_tensors(samples[1:2], 16, 2, seed=3) is None
+
 
 def test_box_iou():
     assert data.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0

@@ -680,8 +680,6 @@ def test_sample_without_input_answers_the_saved_validation_rows(tmp_path, demo):
     assert [r["t2f Axial_path"] for r in rows] == [s.paths[0] for s in val[:4]]
 
 
-
-
 def test_second_look_in_training_and_sample_py(demo, tmp_path):
     """The recipe's second look: train.py adds a zoomed view of every row with a box, scores
     its evaluation after the look (and logs the first look's), saves it in the checkpoint; and
@@ -698,6 +696,7 @@ def test_second_look_in_training_and_sample_py(demo, tmp_path):
     assert first > 0.05 and abs(first - m) > 0.05  # boxes answered, and the look moved them
     r = run("sample.py", "--ckpt", out, "--data", demo)
     assert float(r.stderr.split("mean IoU")[1].split(",")[0]) == pytest.approx(m, abs=2e-3)
+
 
 def test_second_look_answers_each_box_again_zoomed_around_it(tmp_path, monkeypatch):
     """sample.py with a --second-look checkpoint: a box answered on the first look is answered
@@ -737,6 +736,7 @@ def test_second_look_answers_each_box_again_zoomed_around_it(tmp_path, monkeypat
     assert sample.answer_samples(sample.Run(tmp_path, None, meta), samples, "cpu", False,
                                  "corners", True)[1] == [first, None]
     assert len(calls) == 1
+
 
 # -- whole studies without a model: sample.py's checkpoint and model stubbed ---------------------
 
