@@ -81,10 +81,12 @@ class Shape:
                                 "max-pool per halving: the heavy hybrid stem)",
                                 choices=("patch", "cnn", "conv"))
     stem_stride: int = knob(1, "stride of the conv stem's first 3x3 conv: 1 at full resolution; 2 "
-                            "halves at once, so with twice the image size and patch size the "
-                            "convs and the token grid stay the same while the stem reads four "
-                            "times the pixels (augmentation also works on all of them)",
+                            "halves at once, so no layer runs at the image's full resolution (with "
+                            "twice the image size and patch size, the same grids as stride 1)",
                             range=(1, 2))
+    stem_channels: int = knob(16, "channels of the conv stem's first conv, the layer on the most "
+                              "pixels: with --stem-stride 2, more of them keep what the halving "
+                              "would lose", range=(1, 4096))
     num_query: int | None = knob(None, "Q-Former queries = tokens per image", range=(1, 1024))
     qformer_width: int | None = knob(None, "Q-Former width", range=(8, 16384))
     qformer_depth: int | None = knob(None, "Q-Former layers", range=(1, 256))
@@ -197,6 +199,9 @@ class Settings(Train, Data, Shape):
 
 
 SHAPE_FIELDS = tuple(f.name for f in fields(Shape))  # fixed on --resume
+# the knobs of the conv stem alone, at their field defaults: what another stem (or a pretrained
+# tower) gets where a preset made for the conv stem sets them
+CONV_STEM = {f.name: f.default for f in fields(Shape) if f.name in ("stem_stride", "stem_channels")}
 VIT_FIELDS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem")
 
 # The presets: what each named recipe sets. The CPU recipe trains in minutes on 2 cores; the GPU
@@ -204,11 +209,11 @@ VIT_FIELDS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 # tiny is the CPU recipe's sizes in the plain layout transformers also has (bench.py's peer).
 PRESETS = {
     "cpu": dict(image_size=64, crop="head", second_look=True, patch_size=16, vit_width=128,
-                vit_depth=4, vit_heads=4, vit_stem="conv", num_query=4, qformer_width=128,
-                qformer_depth=2, qformer_heads=4, pooled_queries=True, dim=128, n_layers=4,
-                n_heads=4, n_kv_heads=2, num_bins=64, loc_sigma=1.0, box_head="regress",
-                patch_loss=3.0, patch_cells=2, batch_size=32, lr=1e-3, warmup_steps=100,
-                ema=0.995, max_minutes=8.0, eval_every=200),
+                vit_depth=4, vit_heads=4, vit_stem="conv", stem_stride=2, stem_channels=32,
+                num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
+                pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, num_bins=64,
+                loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2, batch_size=32,
+                lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0, eval_every=200),
     "gpu": dict(image_size=128, crop="head", second_look=True, patch_size=16, vit_width=384,
                 vit_depth=8, vit_heads=6, vit_stem="conv", num_query=16, qformer_width=384,
                 qformer_depth=2, qformer_heads=6, pooled_queries=True, dim=512, n_layers=8,
@@ -217,8 +222,8 @@ PRESETS = {
                 ema=0.995, max_minutes=8.0, eval_every=500),
 }
 # bench.py's CPU shape: the CPU recipe's widths with the layout the transformers peer also builds
-PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", patch_size=8, num_query=16,
-                       pooled_queries=False)
+PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", stem_stride=1, stem_channels=16,
+                       patch_size=8, num_query=16, pooled_queries=False)
 
 
 def pretrained(values: dict) -> dict:
@@ -292,6 +297,8 @@ def parse(argv=None, description=None, cuda=False) -> tuple[Settings, dict]:
     values = dict(PRESETS[name], preset=name, device=device, compile=on_cuda, bf16=on_cuda)
     if given.get("vision"):
         values = pretrained(values)
+    if given.get("vit_stem", values.get("vit_stem")) != "conv":  # another stem: the conv stem's
+        values.update({k: CONV_STEM[k] for k in CONV_STEM if k not in given})  # knobs unset
     if given.get("max_steps") and "max_minutes" not in given:  # a step count alone: no clock too
         values["max_minutes"] = None
     s = Settings(**{**values, **given})
@@ -377,8 +384,10 @@ def validate(s: Settings):
              f"(2, 4, 8, ...)")
     if s.vit_stem in ("cnn", "conv") and s.patch_size == 1:
         fail(f"--patch-size 1: the {s.vit_stem} stem halves at least once; use 2 or more")
-    if s.stem_stride == 2 and s.vit_stem != "conv":
-        fail(f"--stem-stride 2: only the conv stem has it (--vit-stem is {s.vit_stem})")
+    for k in CONV_STEM:
+        if getattr(s, k) != CONV_STEM[k] and s.vit_stem != "conv":
+            fail(f"{flag(k)} {getattr(s, k)}: only the conv stem has it (--vit-stem is "
+                 f"{s.vit_stem})")
     for width, heads in (("vit_width", "vit_heads"), ("qformer_width", "qformer_heads"),
                          ("dim", "n_heads")):
         w, h = getattr(s, width), getattr(s, heads)

@@ -417,7 +417,7 @@ def shape_parts(s, vocab_size: int, max_seq_len: int = 1024) -> dict:
     return dict(
         vit=ViTConfig(image_size=s.image_size, patch_size=s.patch_size, width=s.vit_width,
                       depth=s.vit_depth, heads=s.vit_heads, mlp_dim=4 * s.vit_width,
-                      stem=s.vit_stem, stem_stride=s.stem_stride),
+                      stem=s.vit_stem, stem_stride=s.stem_stride, stem_channels=s.stem_channels),
         qformer=QFormerConfig(num_query=s.num_query, width=s.qformer_width, depth=s.qformer_depth,
                               heads=s.qformer_heads, mlp_dim=4 * s.qformer_width,
                               cross_every=s.cross_every, vision_width=s.vit_width, out_dim=s.dim,

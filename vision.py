@@ -60,6 +60,7 @@ class ViTConfig:
     # "patch": one conv of stride patch_size (every pretrained layout); "cnn", "conv": see ConvStem
     stem: str = "patch"
     stem_stride: int = 1  # the "conv" stem's first conv: 2 halves at once (see ConvStem)
+    stem_channels: int = 16  # the "conv" stem's first conv's channels
 
     @property
     def grid(self) -> int:
@@ -186,29 +187,32 @@ class ConvStem(nn.Sequential):
     Dosovitskiy et al. 2020, whose tokens are a CNN's feature map. Per halving of the resolution
     (log2 patch_size of them) two 3x3 convs with BatchNorm and ReLU, then 2x2 max-pooling, channels
     doubling up to width/2 (VGG-style, the blocks of a plain CNN box regressor); then a 1x1 conv to
-    the width. `light` has one 3x3 conv of 16 channels at full resolution, then one 3x3 stride-2
-    conv per halving (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"), each
-    with BatchNorm and ReLU, channels 32, 64, ... up to the width: past the first layer it halves
-    before it convolves, so its other layers run on few pixels and many channels, where a CPU's
-    convolutions are fast (the full-resolution layer takes about half of its time). With
-    first_stride 2 that first conv halves the image at once: an image of twice the side then costs
-    about what the full-resolution conv costs at the smaller side, and the layers after it see the
-    same grids, so the stem reads four times the pixels for the same conv work. The same token grid
-    as a patch embedding."""
+    the width. `light` has one 3x3 conv of first_channels (16) at full resolution, then one 3x3
+    stride-2 conv per halving (Xiao et al. 2021, "Early Convolutions Help Transformers See
+    Better"), each with BatchNorm and ReLU, channels 32, 64, ... up to the width: past the first
+    layer it halves before it convolves, so its other layers run on few pixels and many channels,
+    where a CPU's convolutions are fast (the full-resolution layer takes about half of its time).
+    With first_stride 2 that first conv halves the image at once, and no layer runs at full
+    resolution: at the same image size, one layer fewer, each on a quarter of the pixels (the CPU
+    recipe, with 32 first channels to keep what the halving drops); at twice the side, the same
+    grids as first_stride 1. The same token grid as a patch embedding."""
 
     def __init__(self, channels: int, width: int, patch_size: int, light: bool = False,
-                 first_stride: int = 1):
+                 first_stride: int = 1, first_channels: int = 16):
         n = int(math.log2(patch_size))
         if 2**n != patch_size or n < 1:
             raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
         if first_stride not in (1, 2) or (first_stride == 2 and not light):
             raise ValueError(f"first_stride {first_stride}: 1, or 2 with the light stem")
+        if first_channels != 16 and not light:
+            raise ValueError(f"first_channels {first_channels}: 16, or another with the light stem")
         layers = []
-        if light:  # C -> 16 at full resolution (or half), then 32, 64, ..., at most the width
-            layers += [nn.Conv2d(channels, 16, 3, stride=first_stride, padding=1, bias=False),
-                       nn.BatchNorm2d(16), nn.ReLU()]
+        if light:  # C -> c at full resolution (or half), then 32, 64, ..., at most the width
+            c = first_channels
+            layers += [nn.Conv2d(channels, c, 3, stride=first_stride, padding=1, bias=False),
+                       nn.BatchNorm2d(c), nn.ReLU()]
             halvings_left = n if first_stride == 1 else n - 1  # a stride-2 first conv did one
-            chans = [16] + [min(32 << i, width) for i in range(halvings_left)]
+            chans = [c] + [min(32 << i, width) for i in range(halvings_left)]
         else:  # C, ..., width/2
             chans = [channels] + [max(width >> (n - i), 16) for i in range(n)]
         for a, b in zip(chans[:-1], chans[1:]):
@@ -257,7 +261,8 @@ class ViT(nn.Module):
             raise ValueError(f"stem must be 'patch', 'conv' or 'cnn', got {cfg.stem!r}")
         if cfg.stem != "patch":
             self.patch_embed = ConvStem(C, D, cfg.patch_size, light=cfg.stem == "conv",
-                                        first_stride=cfg.stem_stride)
+                                        first_stride=cfg.stem_stride,
+                                        first_channels=cfg.stem_channels)
         else:
             p = cfg.patch_size
             self.patch_embed = nn.Conv2d(C, D, p, stride=p, bias=cfg.patch_bias)

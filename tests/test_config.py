@@ -76,6 +76,8 @@ def test_a_pretrained_vision_folder_brings_its_own_sizes():
     (["--patch-cells", "0"], "--patch-cells 0"),
     (["--stem-stride", "3"], "--stem-stride 3: must be between 1 and 2"),
     (["--stem-stride", "2", "--vit-stem", "cnn"], "--stem-stride 2: only the conv stem has it"),
+    (["--stem-channels", "32", "--vit-stem", "patch"],
+     "--stem-channels 32: only the conv stem has it"),
     (["--vit-width", "100", "--vit-heads", "3"],
      "--vit-width 100: must be a multiple of --vit-heads 3"),
     (["--n-heads", "4", "--n-kv-heads", "3"], "--n-heads 4: must be a multiple of --n-kv-heads 3"),
@@ -109,12 +111,29 @@ def test_resume_takes_the_saved_settings_and_the_flags_given():
     assert s.resume and not s.overwrite
 
 
+def test_another_stem_leaves_the_conv_stems_knobs_at_their_defaults():
+    """The cpu preset's stride-2, 32-channel first conv belongs to its conv stem: another stem (the
+    whole-study command's --vit-stem cnn, the tiny preset's patches, a pretrained tower) gets the
+    defaults, and only a flag given for another stem is an error."""
+    s, _ = config.parse([])
+    assert (s.vit_stem, s.stem_stride, s.stem_channels) == ("conv", 2, 32)
+    for argv in (["--vit-stem", "cnn"], ["--preset", "tiny"], ["--vision", "blip2"],
+                 ["--preset", "gpu"]):
+        s, _ = config.parse(argv)
+        assert (s.stem_stride, s.stem_channels) == (1, 16), argv
+    s, _ = config.parse(["--stem-stride", "1"])
+    assert (s.stem_stride, s.stem_channels) == (1, 32)
+    vit = ViT(shape_parts(config.parse(["--vit-stem", "cnn"])[0], vocab_size=300)["vit"])
+    assert vit.patch_embed[0].stride == (1, 1) and vit.patch_embed[0].out_channels == 16
+
+
 def test_shape_parts_derive_the_mlp_widths():
     parts = shape_parts(Settings(**PRESETS["cpu"]), vocab_size=300)
     assert parts["vit"].mlp_dim == 4 * 128 and parts["qformer"].mlp_dim == 4 * 128
     assert parts["qformer"].vision_width == 128 and parts["qformer"].out_dim == 128
     assert parts["llm"].hidden_dim == parts["llm"].swiglu_hidden(128)
-    assert parts["vit"].stem == "conv" and parts["vit"].stem_stride == 1
+    assert parts["vit"].stem == "conv" and parts["vit"].stem_stride == 2
+    assert parts["vit"].stem_channels == 32
     s, _ = config.parse(["--image-size", "128", "--patch-size", "32", "--stem-stride", "2"])
     vit = ViT(shape_parts(s, vocab_size=300)["vit"])
     assert vit.patch_embed[0].stride == (2, 2) and vit.cfg.grid == 4

@@ -459,6 +459,24 @@ def test_a_stride_2_stem_reads_twice_the_side_for_the_same_work():
         ConvStem(3, 32, 8, light=False, first_stride=2)
 
 
+def test_the_cpu_recipes_stem_halves_first_with_32_channels_by_hand():
+    """The CPU recipe's stem (64 px, 16 px patches, first conv stride 2 with 32 channels): its
+    layers' shapes and FLOPs counted by hand; no layer at 64 x 64."""
+    stem = ConvStem(3, 128, 16, light=True, first_stride=2, first_channels=32)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    # (in, out, stride, output side)
+    assert [(m.in_channels, m.out_channels, m.stride[0]) for m in convs] == \
+        [(3, 32, 2), (32, 32, 2), (32, 64, 2), (64, 128, 2), (128, 128, 1)]
+    sides = [32, 16, 8, 4, 4]
+    assert stem.flops(64) == [2 * s * s * m.in_channels * m.out_channels * m.kernel_size[0] ** 2
+                              for s, m in zip(sides, convs)]
+    assert stem.flops(64)[0] == 2 * 32 * 32 * 3 * 32 * 9
+    shapes = layer_shapes(stem, torch.randn(2, 3, 64, 64))
+    assert max(s[-1] for s in shapes) == 32 and shapes[-1] == (2, 128, 4, 4)
+    with pytest.raises(ValueError, match="first_channels"):
+        ConvStem(3, 32, 8, light=False, first_channels=32)
+
+
 def layer_shapes(stem, x):
     """The output shape of every layer of a conv stem."""
     shapes = []
