@@ -222,8 +222,8 @@ PRESETS = {
                 ema=0.995, max_minutes=8.0, eval_every=500),
 }
 # bench.py's CPU shape: the CPU recipe's widths with the layout the transformers peer also builds
-PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", stem_stride=1, stem_channels=16,
-                       patch_size=8, num_query=16, pooled_queries=False)
+PRESETS["tiny"] = dict(PRESETS["cpu"], vit_stem="patch", **CONV_STEM, patch_size=8, num_query=16,
+                       pooled_queries=False)
 
 
 def pretrained(values: dict) -> dict:

@@ -464,7 +464,7 @@ def test_the_cpu_recipes_stem_halves_first_with_32_channels_by_hand():
     layers' shapes and FLOPs counted by hand; no layer at 64 x 64."""
     stem = ConvStem(3, 128, 16, light=True, first_stride=2, first_channels=32)
     convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
-    # (in, out, stride, output side)
+    # (in, out, stride) of each conv; its output side below
     assert [(m.in_channels, m.out_channels, m.stride[0]) for m in convs] == \
         [(3, 32, 2), (32, 32, 2), (32, 64, 2), (64, 128, 2), (128, 128, 1)]
     sides = [32, 16, 8, 4, 4]
