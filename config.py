@@ -213,7 +213,7 @@ PRESETS = {
                 num_query=4, qformer_width=128, qformer_depth=2, qformer_heads=4,
                 pooled_queries=True, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, num_bins=64,
                 loc_sigma=1.0, box_head="regress", patch_loss=3.0, patch_cells=2, batch_size=32,
-                lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0, eval_every=200),
+                lr=1e-3, warmup_steps=100, ema=0.995, max_minutes=8.0, eval_every=500),
     "gpu": dict(image_size=128, crop="head", second_look=True, patch_size=16, vit_width=384,
                 vit_depth=8, vit_heads=6, vit_stem="conv", num_query=16, qformer_width=384,
                 qformer_depth=2, qformer_heads=6, pooled_queries=True, dim=512, n_layers=8,

@@ -576,13 +576,15 @@ class MiniGPT(nn.Module):
         self.train(self.training)
 
     def configure_optimizers(self, lr: float, weight_decay: float, device):
-        """AdamW over the parameters that train, fused on CUDA; weight decay on matrices only (not
-        on norms, biases and the learned queries). -> (those parameters, the optimizer)."""
+        """AdamW over the parameters that train, fused (one kernel for all of them: on the CPU
+        recipe's 169 tensors 2.1 ms a step instead of 8.8, docs/results.md); weight decay on
+        matrices only (not on norms, biases and the learned queries). -> (those parameters, the
+        optimizer)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return params, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
-                                         fused=torch.device(device).type == "cuda")
+                                         fused=torch.device(device).type in ("cuda", "cpu"))
 
     def train(self, mode: bool = True):
         """nn.Module.train, but a frozen ViT stays in eval mode: the BatchNorm of a conv stem then
